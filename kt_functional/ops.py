@@ -1,0 +1,187 @@
+"""The functional API: moe_forward(state, x, ids, w) -> (y, cache); moe_backward(state, cache, gy) -> grads.
+
+Functions never mutate their inputs. A cache is a handle to one forward's residuals, sized by
+that call's T: it is consumed by exactly one moe_backward, many can be alive at once, and its
+memory is freed when it is consumed or garbage-collected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _core
+from ._convert import (DTYPE_CODE, FLOAT_DTYPES, INDEX_DTYPES, as_tensor, check_dtype, check_shape,
+                       cpu_contiguous, to_kind)
+from .state import MoEState
+
+MAX_TOP_K = 64
+
+
+@dataclass(frozen=True)
+class LoRAGrads:
+    """fp32 gradients of the six LoRA tensors, in their shapes."""
+
+    gate_a: object
+    gate_b: object
+    up_a: object
+    up_b: object
+    down_a: object
+    down_b: object
+
+
+@dataclass(frozen=True)
+class Grads:
+    """x: dL/dx [T, H]; w: dL/dw [T, k]; lora: LoRAGrads, or None for a state without LoRA."""
+
+    x: object
+    w: object
+    lora: LoRAGrads | None
+
+
+class MoECache:
+    """Handle to the residuals of one forward call (see the module docstring)."""
+
+    __slots__ = ("_core", "_state_token", "_meta", "_lora_versions", "__weakref__")
+
+    def __init__(self, core, state: MoEState, meta: dict, lora_versions):
+        self._core = core
+        self._state_token = state._token
+        self._meta = meta
+        self._lora_versions = lora_versions
+
+    @property
+    def consumed(self) -> bool:
+        return self._core is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the residuals (0 once consumed)."""
+        return 0 if self._core is None else self._core.nbytes
+
+    @property
+    def num_tokens(self) -> int:
+        return self._meta["T"]
+
+    def __repr__(self):
+        state = "consumed" if self.consumed else f"{self.nbytes} bytes"
+        return f"MoECache(T={self.num_tokens}, {state})"
+
+
+def _check_state(state) -> MoEState:
+    if not isinstance(state, MoEState):
+        raise TypeError(f"state: expected MoEState, got {type(state).__name__}")
+    return state
+
+
+def _forward_inputs(state: MoEState, x, ids, w):
+    """Validates the forward's inputs; returns them as contiguous CPU tensors plus metadata."""
+    H, E = state.weights.hidden_size, state.weights.num_experts
+    x, x_np = as_tensor(x, "x")
+    ids, _ = as_tensor(ids, "ids")
+    w, _ = as_tensor(w, "w")
+    check_dtype(x, "x", FLOAT_DTYPES)
+    check_shape(x, "x", (None, H), f"[T, H] with H = {H}")
+    T = x.shape[0]
+    check_dtype(ids, "ids", INDEX_DTYPES)
+    if ids.dim() != 2 or ids.shape[0] != T:
+        raise ValueError(f"ids: expected shape [T, k] with T = {T} (from x), got {list(ids.shape)}")
+    k = ids.shape[1]
+    if not 1 <= k <= MAX_TOP_K:
+        raise ValueError(f"ids: expected 1 <= k <= {MAX_TOP_K} experts per token, got k = {k}")
+    check_dtype(w, "w", FLOAT_DTYPES)
+    check_shape(w, "w", (T, k), f"[T, k] = {[T, k]} like ids")
+    if T:  # range check before the narrowing to int32
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"ids: expert ids must be in [-1, {E}) (-1 = unused slot), got values in [{lo}, {hi}]")
+    meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": w.dtype, "numpy": x_np, "device": x.device}
+    return (cpu_contiguous(x, torch.bfloat16), cpu_contiguous(ids, torch.int32), cpu_contiguous(w, torch.float32),
+            meta)
+
+
+class ForwardHandle:
+    """A forward running on the state's worker threads; result() waits (GIL released)."""
+
+    def __init__(self, job, y, cache: MoECache | None, keep_alive, meta):
+        self._job = job
+        self._y = y
+        self._cache = cache
+        self._keep_alive = keep_alive  # inputs the kernels read until the job is done
+        self._meta = meta
+
+    def done(self) -> bool:
+        return self._job.done()
+
+    def result(self):
+        """(y, cache): y of the input's kind and dtype; cache None without save_for_backward."""
+        self._job.wait()
+        self._keep_alive = None
+        meta = self._meta
+        return to_kind(self._y, meta["numpy"], meta["device"]), self._cache
+
+
+def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = True) -> ForwardHandle:
+    """Starts the forward on the library's worker threads and returns at once."""
+    state = _check_state(state)
+    xb, ids32, wf, meta = _forward_inputs(state, x, ids, w)
+    T, k = meta["T"], meta["k"]
+    lora_args, lora_tensors = state.lora_args()
+    y = torch.empty(T, state.weights.hidden_size, dtype=meta["x_dtype"])
+    job, core_cache = _core.submit_forward(
+        state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
+        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+    )
+    cache = MoECache(core_cache, state, meta, state.lora_versions()) if save_for_backward else None
+    return ForwardHandle(job, y, cache, (xb, ids32, wf, lora_tensors), meta)
+
+
+def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
+    """y = MoE expert layer (MATH.md) of x routed by (ids, w); returns (y, cache or None).
+
+    x [T, H] bf16/fp32, ids [T, k] int32/int64 (-1 = unused slot), w [T, k] fp32/bf16;
+    torch tensors (any device, any strides) or numpy arrays. y has x's dtype and kind.
+    """
+    return moe_forward_async(state, x, ids, w, save_for_backward=save_for_backward).result()
+
+
+def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
+    """Gradients of the forward that made cache, given gy = dL/dy [T, H]; consumes the cache."""
+    state = _check_state(state)
+    if not isinstance(cache, MoECache):
+        raise TypeError(
+            f"cache: expected the MoECache returned by moe_forward(save_for_backward=True), got {type(cache).__name__}"
+        )
+    if cache.consumed:
+        raise ValueError("cache: already consumed by a moe_backward; each forward's cache can be used once")
+    if cache._state_token is not state._token:
+        raise ValueError("cache: it was made by a different MoEState")
+    if cache._lora_versions != state.lora_versions():
+        raise ValueError(
+            "state.lora: a LoRA tensor was modified in place between moe_forward and moe_backward; "
+            "run the backward before the optimizer step"
+        )
+    meta = cache._meta
+    T, k, H = meta["T"], meta["k"], state.weights.hidden_size
+    gy, _ = as_tensor(gy, "gy")
+    check_dtype(gy, "gy", FLOAT_DTYPES)
+    check_shape(gy, "gy", (T, H), f"[T, H] = {[T, H]} like the forward's y")
+    gyb = cpu_contiguous(gy, torch.bfloat16)
+    dx = torch.empty(T, H, dtype=meta["x_dtype"])
+    dw = torch.empty(T, k, dtype=torch.float32)
+    lora_args, lora_tensors = state.lora_args()
+    grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
+    grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+    job = _core.submit_backward(
+        state._pool, state.weights.packed, state.isa, cache._core, gyb.data_ptr(), dx.data_ptr(),
+        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
+    )
+    cache._core = None  # consumed: the running job holds the residuals and frees them when done
+    job.wait()
+    numpy, device = meta["numpy"], meta["device"]
+    lora = LoRAGrads(*(to_kind(g, numpy, torch.device("cpu")) for g in grads)) if grads else None
+    return Grads(
+        x=to_kind(dx, numpy, device),
+        w=to_kind(dw.to(meta["w_dtype"]), numpy, device),
+        lora=lora,
+    )

@@ -1,0 +1,395 @@
+"""Float32 torch reference of the MoE expert layer, written literally from MATH.md.
+
+This module is independent of the compiled parts of ``kt_functional``: it imports only
+``torch`` (and numpy lazily, to accept numpy inputs), so it can be imported standalone by
+path (``importlib``) before the library builds.
+
+Contents
+--------
+- :func:`moe_reference`        float32 forward of MATH.md (loop over experts).
+- :func:`moe_reference_grads`  gradients of the reference by torch autograd.
+- :func:`rel_err`              ``||out - ref|| / ||ref||`` (MATH.md's tolerance measure).
+- :func:`make_problem`         random test inputs with realistic scales.
+- :func:`eager_loop_moe`       peer: bf16 per-expert python loop (transformers "eager" experts).
+- :func:`grouped_mm_moe`       peer: bf16 ``torch._grouped_mm`` over expert-sorted routes
+                               (transformers "grouped_mm" experts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LORA_KEYS",
+    "moe_reference",
+    "moe_reference_grads",
+    "rel_err",
+    "make_problem",
+    "eager_loop_moe",
+    "grouped_mm_moe",
+    "HAS_GROUPED_MM",
+]
+
+LORA_KEYS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+#: True when this torch exposes ``torch._grouped_mm`` (it does on CPU in torch 2.13).
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _as_tensor(a):
+    """torch tensor view of ``a`` (numpy arrays are wrapped without copy)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.as_tensor(a)
+
+
+def _f32(a):
+    """Upcast to float32, keeping the autograd graph (no detach)."""
+    return _as_tensor(a).to(torch.float32)
+
+
+def _lora_get(lora, name):
+    if isinstance(lora, Mapping):
+        return lora[name]
+    return getattr(lora, name)
+
+
+def _lora_scale(lora, scale):
+    if scale is not None:
+        return float(scale)
+    if isinstance(lora, Mapping):
+        if "scale" in lora:
+            return float(lora["scale"])
+    elif getattr(lora, "scale", None) is not None:
+        return float(lora.scale)
+    raise ValueError("scale (alpha / r) is required when lora is given")
+
+
+def _check_ids(ids, E):
+    ids = _as_tensor(ids).to(torch.int64)
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
+        raise ValueError(f"ids must be in [-1, {E}); got range [{int(ids.min())}, {int(ids.max())}]")
+    return ids
+
+
+# ----------------------------------------------------------------------------- reference
+def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None):
+    """float32 forward of MATH.md.
+
+    x [T,H], ids [T,k] (-1 = unused slot), w [T,k], gate/up [E,I,H], down [E,H,I];
+    lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r], up_a [E,r,H], up_b [E,I,r],
+    down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  Every input is upcast to float32
+    (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
+    """
+    x = _f32(x)
+    w = _f32(w)
+    gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
+    E = gate.shape[0]
+    T, H = x.shape
+    ids = _check_ids(ids, E)
+    if lora is not None:
+        s = _lora_scale(lora, scale)
+        Ag, Bg, Au, Bu, Ad, Bd = (_f32(_lora_get(lora, n)) for n in LORA_KEYS)
+
+    y = torch.zeros(T, H, dtype=torch.float32)
+    for e in range(E):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x.index_select(0, tok)                       # [n, H]
+        we = w[tok, slot].unsqueeze(1)                    # [n, 1]
+        Wg, Wu, Wd = gate[e].float(), up[e].float(), down[e].float()
+        g = xe @ Wg.T                                     # [n, I]
+        u = xe @ Wu.T
+        if lora is not None:
+            a_g = xe @ Ag[e].T                            # [n, r]
+            a_u = xe @ Au[e].T
+            g = g + s * (a_g @ Bg[e].T)
+            u = u + s * (a_u @ Bu[e].T)
+        h = g * torch.sigmoid(g) * u                      # silu(g) * u
+        o = h @ Wd.T                                      # [n, H]
+        if lora is not None:
+            a_d = h @ Ad[e].T
+            o = o + s * (a_d @ Bd[e].T)
+        y = y.index_add(0, tok, we * o)
+    return y
+
+
+def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy):
+    """Gradients of ``sum(moe_reference(...) * gy)`` by torch autograd, all float32.
+
+    Leaves are float32 copies of x, w and the six LoRA tensors.  Returns a dict with "x"
+    [T,H], "w" [T,k] and, when lora is not None, "gate_a", "gate_b", "up_a", "up_b",
+    "down_a", "down_b" (PEFT shapes).
+    """
+    leaves = {
+        "x": _as_tensor(x).detach().to(torch.float32).clone().requires_grad_(True),
+        "w": _as_tensor(w).detach().to(torch.float32).clone().requires_grad_(True),
+    }
+    lora32 = None
+    if lora is not None:
+        s = _lora_scale(lora, scale)
+        lora32 = {}
+        for n in LORA_KEYS:
+            leaves[n] = _as_tensor(_lora_get(lora, n)).detach().to(torch.float32).clone().requires_grad_(True)
+            lora32[n] = leaves[n]
+    else:
+        s = None
+    with torch.enable_grad():
+        y = moe_reference(leaves["x"], ids, leaves["w"], gate, up, down, lora32, s)
+        gy32 = _as_tensor(gy).detach().to(torch.float32)
+        if y.requires_grad:
+            params = list(leaves.values())
+            grads = torch.autograd.grad(y, params, grad_outputs=gy32, allow_unused=True)
+        else:  # nothing routed (e.g. T == 0 or all slots -1)
+            grads = [None] * len(leaves)
+    out = {}
+    for (name, leaf), g in zip(leaves.items(), grads):
+        out[name] = torch.zeros_like(leaf.detach()) if g is None else g.detach()
+    return out
+
+
+def rel_err(out, ref):
+    """``||out - ref|| / ||ref||`` in float64 norms; ``||out||`` when ``||ref|| == 0``."""
+    out = _as_tensor(out).detach().to(torch.float64)
+    ref = _as_tensor(ref).detach().to(torch.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: out {tuple(out.shape)} vs ref {tuple(ref.shape)}")
+    nref = torch.linalg.vector_norm(ref).item()
+    if nref == 0.0:
+        return torch.linalg.vector_norm(out).item()
+    return torch.linalg.vector_norm(out - ref).item() / nref
+
+
+# ----------------------------------------------------------------------------- problems
+def make_problem(
+    E,
+    H,
+    I,
+    k,
+    T,
+    r,
+    seed,
+    dtype=torch.bfloat16,
+    lora_b_nonzero=True,
+    *,
+    unused_frac=0.0,
+    all_unused_tokens=(),
+    idle_experts=0,
+    alpha=None,
+    lora_dtype=torch.float32,
+    ids_dtype=torch.int64,
+    w_dtype=torch.float32,
+):
+    """Random test inputs with realistic scales.
+
+    - gate/up ~ randn * H**-0.5, down ~ randn * I**-0.5 (``dtype``, default bf16), so every
+      intermediate is O(1).
+    - x ~ randn (``dtype``); ids: k distinct experts per token (top-k of random scores),
+      drawn from the experts that are not idle; w: softmax of the top-k scores (positive,
+      sums to 1 per token), ``w_dtype``.
+    - LoRA (PEFT shapes, ``lora_dtype``): A ~ randn * fan_in**-0.5, B ~ randn * 0.5 * r**-0.5
+      (zeros when ``lora_b_nonzero`` is False, i.e. PEFT init), alpha = 2 r by default so
+      scale = 2 and the LoRA terms are of the same order as the base terms.
+    - ``unused_frac``: fraction of (token, slot) pairs set to -1 (their w stays non-zero, so
+      an implementation that ignores -1 wrongly is caught).
+    - ``all_unused_tokens``: token indices whose every slot is -1.
+    - ``idle_experts``: number of experts (chosen at random) that receive no token.
+
+    Returns a SimpleNamespace with x, ids, w, gate, up, down, gate_up ([E,2I,H], gate rows
+    first), lora (dict of the six tensors), alpha, scale, r, E, H, I, k, T, idle (list of idle
+    expert ids).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+    n_active = E - idle_experts
+    if not (1 <= k <= n_active):
+        raise ValueError(f"need 1 <= k <= E - idle_experts, got k={k}, E={E}, idle={idle_experts}")
+    perm = torch.randperm(E, generator=gen)
+    active = perm[:n_active].sort().values
+    idle = perm[n_active:].sort().values.tolist()
+
+    gate = (randn(E, I, H) * H ** -0.5).to(dtype)
+    up = (randn(E, I, H) * H ** -0.5).to(dtype)
+    down = (randn(E, H, I) * I ** -0.5).to(dtype)
+    x = randn(T, H).to(dtype)
+
+    scores = randn(T, n_active)
+    top_scores, top_idx = scores.topk(k, dim=1) if T > 0 else (torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64))
+    ids = active[top_idx]
+    w = torch.softmax(top_scores, dim=1)
+    if unused_frac > 0 and T > 0:
+        mask = torch.rand(T, k, generator=gen) < unused_frac
+        ids = ids.masked_fill(mask, -1)
+    for t in all_unused_tokens:
+        ids[t] = -1
+    ids = ids.to(ids_dtype)
+    w = w.to(w_dtype)
+
+    B_mult = 1.0 if lora_b_nonzero else 0.0
+    lora = {
+        "gate_a": randn(E, r, H) * H ** -0.5,
+        "gate_b": randn(E, I, r) * (0.5 * r ** -0.5) * B_mult,
+        "up_a": randn(E, r, H) * H ** -0.5,
+        "up_b": randn(E, I, r) * (0.5 * r ** -0.5) * B_mult,
+        "down_a": randn(E, r, I) * I ** -0.5,
+        "down_b": randn(E, H, r) * (0.5 * r ** -0.5) * B_mult,
+    }
+    lora = {n: t.to(lora_dtype) for n, t in lora.items()}
+    if alpha is None:
+        alpha = 2.0 * r
+    return SimpleNamespace(
+        x=x,
+        ids=ids,
+        w=w,
+        gate=gate,
+        up=up,
+        down=down,
+        gate_up=torch.cat([gate, up], dim=1),
+        lora=lora,
+        alpha=float(alpha),
+        scale=float(alpha) / r,
+        r=r,
+        E=E,
+        H=H,
+        I=I,
+        k=k,
+        T=T,
+        idle=idle,
+    )
+
+
+# ----------------------------------------------------------------------------- peers
+def _zeros_with_graph(x):
+    """zeros_like(x) that is still connected to x's autograd graph (grad 0, NaN-safe)."""
+    idx = torch.zeros(0, dtype=torch.int64)
+    return torch.zeros_like(x).index_add(0, idx, x.index_select(0, idx))
+
+
+def _peer_lora(lora, dtype):
+    if lora is None:
+        return None
+    return {n: _as_tensor(_lora_get(lora, n)).to(dtype) for n in LORA_KEYS}
+
+
+def eager_loop_moe(x, ids, w, gate, up, down, lora=None, scale=None):
+    """Peer: bf16 per-expert python loop, like transformers' eager experts.
+
+    For each expert that has tokens: gather its tokens, ``F.linear`` gate / up / down in the
+    compute dtype (x's dtype, normally bf16), LoRA as extra small matmuls
+    ``s * B(A x)``, weight by the routing weight and ``index_add`` into the output.
+    Differentiable w.r.t. x, w and the LoRA tensors.  Returns y in x's dtype.
+    """
+    dt = x.dtype
+    E = gate.shape[0]
+    ids = _as_tensor(ids).to(torch.int64)
+    L = _peer_lora(lora, dt)
+    s = _lora_scale(lora, scale) if lora is not None else 0.0
+    wd = w.to(dt)
+    y = _zeros_with_graph(x)
+    hit = torch.unique(ids[ids >= 0]).tolist()
+    for e in hit:
+        tok, slot = torch.where(ids == e)
+        xe = x[tok]
+        g = F.linear(xe, gate[e])
+        u = F.linear(xe, up[e])
+        if L is not None:
+            g = g + s * F.linear(F.linear(xe, L["gate_a"][e]), L["gate_b"][e])
+            u = u + s * F.linear(F.linear(xe, L["up_a"][e]), L["up_b"][e])
+        h = F.silu(g) * u
+        o = F.linear(h, down[e])
+        if L is not None:
+            o = o + s * F.linear(F.linear(h, L["down_a"][e]), L["down_b"][e])
+        o = o * wd[tok, slot, None]
+        y = y.index_add(0, tok, o.to(dt))
+    return y
+
+
+def _pad_to(t, dim, mult):
+    n = t.shape[dim]
+    p = (-n) % mult
+    if p == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - (dim % t.dim())) + [0, p]
+    return F.pad(t, pad)
+
+
+def _gmm(a, b, offs):
+    """Grouped matmul: rows ``offs[e-1]:offs[e]`` of ``a`` [N,K] times ``b[e]`` [K,M].
+
+    Uses ``torch._grouped_mm`` (present on CPU in torch 2.13; it needs 16-byte aligned
+    strides, so K and M are zero-padded to multiples of 8 elements when needed, which does
+    not change the product).  Falls back to a per-group ``mm`` loop if ``_grouped_mm`` is
+    absent.
+    """
+    N, K = a.shape
+    M = b.shape[-1]
+    if HAS_GROUPED_MM:
+        mult = max(1, 16 // a.element_size())
+        aligned = (
+            K % mult == 0
+            and M % mult == 0
+            and all(st % mult == 0 for st in b.stride() if st != 1)
+        )
+        if aligned:
+            return torch._grouped_mm(a, b, offs=offs)
+        ap = _pad_to(a, 1, mult)
+        bp = _pad_to(_pad_to(b, 1, mult), 2, mult).contiguous()
+        return torch._grouped_mm(ap, bp, offs=offs)[:, :M]
+    outs = []
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        outs.append(a[start:end] @ b[e])
+        start = end
+    return torch.cat(outs, 0) if outs else a.new_zeros(0, M)
+
+
+def grouped_mm_moe(x, ids, w, gate, up, down, lora=None, scale=None):
+    """Peer: transformers' grouped_mm experts in bf16.
+
+    Flattens the routed (token, slot) pairs, sorts them by expert, builds cumulative
+    offsets and runs one ``torch._grouped_mm`` per projection over all experts (LoRA as
+    extra grouped matmuls ``s * B(A x)``), then weights by w and ``index_add``s back.
+    ``torch._grouped_mm`` exists on CPU in this torch (2.13); if it did not, :func:`_gmm`
+    falls back to an equivalent per-expert ``mm`` loop.  Differentiable w.r.t. x, w and the
+    LoRA tensors.  Returns y in x's dtype.
+    """
+    dt = x.dtype
+    T, H = x.shape
+    E = gate.shape[0]
+    k = ids.shape[1] if ids.dim() == 2 else 1
+    ids = _as_tensor(ids).to(torch.int64)
+    L = _peer_lora(lora, dt)
+    s = _lora_scale(lora, scale) if lora is not None else 0.0
+    flat = ids.reshape(-1)
+    valid = (flat >= 0).nonzero(as_tuple=True)[0]
+    if valid.numel() == 0:
+        return _zeros_with_graph(x)  # keeps the graph so backward gives zeros
+    order = flat[valid].argsort(stable=True)
+    route = valid[order]                     # flat (token, slot) index, sorted by expert
+    eids = flat[route]
+    tok = route // k
+    counts = torch.bincount(eids, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+
+    xs = x[tok]
+    g = _gmm(xs, gate.transpose(-2, -1), offs)
+    u = _gmm(xs, up.transpose(-2, -1), offs)
+    if L is not None:
+        g = g + s * _gmm(_gmm(xs, L["gate_a"].transpose(-2, -1), offs), L["gate_b"].transpose(-2, -1), offs)
+        u = u + s * _gmm(_gmm(xs, L["up_a"].transpose(-2, -1), offs), L["up_b"].transpose(-2, -1), offs)
+    h = F.silu(g) * u
+    o = _gmm(h, down.transpose(-2, -1), offs)
+    if L is not None:
+        o = o + s * _gmm(_gmm(h, L["down_a"].transpose(-2, -1), offs), L["down_b"].transpose(-2, -1), offs)
+    o = o * w.to(dt).reshape(-1)[route].unsqueeze(1)
+    return torch.zeros_like(x).index_add(0, tok, o.to(dt))

@@ -1,0 +1,227 @@
+"""Explicit, immutable state of an expert layer: packed weights, LoRA adapters, worker pool."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _core
+from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_dtype
+
+MAX_LORA_RANK = 128
+
+
+def _expert_tensor(value, name: str, dims: int = 3) -> torch.Tensor:
+    t, _ = as_tensor(value, name)
+    if t.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {str(t.dtype).replace('torch.', '')}")
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype not in FLOAT_DTYPES:  # fp16 / fp64 sources: packed from an fp32 copy
+        t = t.float()
+    return t
+
+
+def _spec(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), DTYPE_CODE[t.dtype], tuple(t.stride()))
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """The frozen routed-expert weights of one MoE layer, packed once for every ISA path.
+
+    The packed copy is all that stays alive: the source tensors can be dropped afterwards.
+    """
+
+    packed: _core.PackedExperts = field(repr=False)
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed weights (forward and backward layouts)."""
+        return self.packed.nbytes
+
+    @classmethod
+    def from_tensors(cls, gate, up, down, *, threads: int | None = None) -> "ExpertWeights":
+        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy."""
+        gate = _expert_tensor(gate, "gate")
+        up = _expert_tensor(up, "up")
+        down = _expert_tensor(down, "down")
+        E, I, H = gate.shape
+        if tuple(up.shape) != (E, I, H):
+            raise ValueError(f"up: expected shape [E, I, H] = {[E, I, H]} like gate, got {list(up.shape)}")
+        if tuple(down.shape) != (E, H, I):
+            raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
+        if min(E, I, H) < 1:
+            raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
+        pool = _core.Pool(threads or _default_threads())
+        packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool)
+        return cls(packed, E, H, I)
+
+    @classmethod
+    def from_fused(cls, gate_up, down, *, threads: int | None = None) -> "ExpertWeights":
+        """transformers v5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+        gate_up = _expert_tensor(gate_up, "gate_up")
+        if gate_up.shape[1] % 2:
+            raise ValueError(f"gate_up: expected shape [E, 2I, H] with an even middle size, got {list(gate_up.shape)}")
+        I = gate_up.shape[1] // 2
+        return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads)
+
+
+_LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+
+
+@dataclass(frozen=True, eq=False)
+class LoRA:
+    """LoRA adapters on every expert's gate, up and down projections, in PEFT's shapes:
+
+    gate_a, up_a [E, r, H]; gate_b, up_b [E, I, r]; down_a [E, r, I]; down_b [E, H, r].
+    All six share one dtype (bf16 or fp32). The kernels read these tensors at every call, so an
+    optimizer's in-place updates are seen by the next call with no sync step; modifying them
+    between a forward and its backward is an error (as in torch autograd).
+    """
+
+    gate_a: torch.Tensor
+    gate_b: torch.Tensor
+    up_a: torch.Tensor
+    up_b: torch.Tensor
+    down_a: torch.Tensor
+    down_b: torch.Tensor
+    alpha: float = 32.0
+
+    def __post_init__(self):
+        tensors = {}
+        for name in _LORA_NAMES:
+            t, _ = as_tensor(getattr(self, name), name)
+            if t.dim() != 3:
+                raise ValueError(f"{name}: expected a 3-D tensor (one matrix per expert), got shape {list(t.shape)}")
+            check_dtype(t, name, FLOAT_DTYPES)
+            if t.device.type != "cpu":
+                raise ValueError(f"{name}: LoRA tensors must live on the CPU, got device {t.device}")
+            tensors[name] = t
+            object.__setattr__(self, name, t)
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) > 1:
+            raise TypeError(f"gate_a: all six LoRA tensors must share one dtype, got {sorted(map(str, dtypes))}")
+        E, r, H = tensors["gate_a"].shape
+        I = tensors["gate_b"].shape[1]
+        expected = {
+            "gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
+            "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r),
+        }
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(
+                    f"{name}: expected shape {list(shape)} (E={E}, r={r}, H={H}, I={I} from gate_a/gate_b), "
+                    f"got {list(tensors[name].shape)}"
+                )
+        if not 1 <= r <= MAX_LORA_RANK:
+            raise ValueError(f"gate_a: LoRA rank must be in 1..{MAX_LORA_RANK}, got {r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise TypeError(f"alpha: expected a finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def rank(self) -> int:
+        return self.gate_a.shape[1]
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r (MATH.md)."""
+        return self.alpha / self.rank
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(E, H, I, r)."""
+        return self.gate_a.shape[0], self.gate_a.shape[2], self.gate_b.shape[1], self.rank
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _LORA_NAMES}
+
+    @classmethod
+    def init(cls, weights: ExpertWeights, rank: int = 16, alpha: float = 32.0, seed: int = 0,
+             dtype: torch.dtype = torch.float32) -> "LoRA":
+        """PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
+        if not isinstance(weights, ExpertWeights):
+            raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
+        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+            raise ValueError(f"rank: expected an int in 1..{MAX_LORA_RANK}, got {rank!r}")
+        E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
+        gen = torch.Generator().manual_seed(seed)
+
+        def a(fan_out, fan_in):
+            bound = 1.0 / math.sqrt(fan_in)
+            return (torch.rand(E, fan_out, fan_in, generator=gen) * 2 - 1).mul_(bound).to(dtype)
+
+        return cls(
+            gate_a=a(rank, H), gate_b=torch.zeros(E, I, rank, dtype=dtype),
+            up_a=a(rank, H), up_b=torch.zeros(E, I, rank, dtype=dtype),
+            down_a=a(rank, I), down_b=torch.zeros(E, H, rank, dtype=dtype),
+            alpha=alpha,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class MoEState:
+    """Everything a call needs: packed weights, optional LoRA, thread count and ISA path.
+
+    Workers come from a pool shared by all states with the same thread count.
+    """
+
+    weights: ExpertWeights
+    lora: LoRA | None = None
+    threads: int = 2
+    isa: str | None = None
+    _pool: _core.Pool = field(init=False, repr=False)
+    _token: object = field(init=False, repr=False)  # identifies this state's caches
+
+    def __post_init__(self):
+        if not isinstance(self.weights, ExpertWeights):
+            raise TypeError(f"weights: expected ExpertWeights, got {type(self.weights).__name__}")
+        if self.lora is not None:
+            if not isinstance(self.lora, LoRA):
+                raise TypeError(f"lora: expected LoRA or None, got {type(self.lora).__name__}")
+            E, H, I, _ = self.lora.shape
+            w = self.weights
+            if (E, H, I) != (w.num_experts, w.hidden_size, w.intermediate_size):
+                raise ValueError(
+                    f"lora: adapters are for (E, H, I) = {(E, H, I)}, weights are "
+                    f"{(w.num_experts, w.hidden_size, w.intermediate_size)}"
+                )
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+            raise TypeError(f"threads: expected an int >= 1, got {self.threads!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
+        isa = _core.default_isa() if self.isa is None else self.isa
+        if isa not in _core.runnable_isas():
+            raise ValueError(f"isa: '{isa}' cannot run here; available: {_core.runnable_isas()}")
+        object.__setattr__(self, "isa", isa)
+        object.__setattr__(self, "_pool", _core.Pool(self.threads))
+        object.__setattr__(self, "_token", object())
+
+    def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
+        """Pointers of the LoRA tensors as they are now, and the tensors to keep alive meanwhile."""
+        if self.lora is None:
+            return None, []
+        ts = [getattr(self.lora, name).detach().contiguous() for name in _LORA_NAMES]
+        ptrs = tuple(t.data_ptr() for t in ts)
+        return ptrs + (DTYPE_CODE[ts[0].dtype], self.lora.rank, self.lora.scale), ts
+
+    def lora_versions(self) -> tuple[int, ...] | None:
+        if self.lora is None:
+            return None
+        return tuple(getattr(self.lora, name)._version for name in _LORA_NAMES)
+
+
+__all__ = ["ExpertWeights", "LoRA", "MoEState"]

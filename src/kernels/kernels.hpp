@@ -1,0 +1,54 @@
+// The per-ISA kernel table. The macro-kernels (moe.cpp) are ISA-independent and call these
+// through function pointers; each ISA file fills one table with code compiled for that ISA.
+#pragma once
+#include <cstdint>
+
+#include "cpu.hpp"
+#include "types.hpp"
+
+namespace kt {
+
+// Packed B operand ("VNNI panel"): 16 output columns x K, stored as [K/2][16][2] bf16, so that
+// one 64-byte row holds the (k, k+1) pairs of 16 columns: a zmm for VDPBF16PS and a row of an
+// AMX B tile. K is padded to a multiple of 32 (one AMX tile), N to a multiple of 16.
+constexpr int kPanelCols = 16;
+constexpr int kKAlign = 32;
+
+// Micro-kernel: C[mr x 16*np] (= or +=) A[mr x K] * B, where A is bf16 row-major (lda elements,
+// K = 2*kpairs, a multiple of 32) and B is np panels, panel p at B + p*panel_stride.
+// Tile math only: never sees an edge (rows are padded to mr, K and N by the packer).
+using GemmFn = void (*)(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t kpairs,
+                        int np, float* C, int64_t ldc, bool accumulate);
+
+struct KernelSet {
+  Isa isa;
+  int mr;  // rows of A per micro-kernel call
+  GemmFn gemm;
+  // h = silu(gate) * up as bf16; the pre-activations rounded to bf16 go to g/u when not null.
+  void (*swiglu_forward)(const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h);
+  // From dh_raw (unweighted) and the cached g/u: dg, du (bf16, routing weight w applied) and
+  // h (bf16, when not null). Returns dh_raw . h, the routing-weight gradient's share of these columns.
+  float (*swiglu_backward)(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg,
+                           bf16* du, bf16* h);
+  // LoRA in fp32 (the adapters are trained: their terms keep full precision).
+  // out[m][q] = sum_k A[m][k] L[q][k]  (activations [rows][K] bf16, L [r][K] fp32)
+  void (*lora_project)(const bf16* A, int64_t lda, int64_t rows, int64_t K, const float* L, int64_t ldl, int r,
+                       float* out, int64_t ldo);
+  // C[m][c] += scale * sum_q coef[m][q] L[q][c]
+  void (*lora_expand)(float* C, int64_t ldc, int64_t rows, int64_t cols, const float* coef, int64_t ldcoef, int r,
+                      float scale, const float* L, int64_t ldl);
+  // G[i][c] = scale * sum_p coef[p][i] * pscale[p] * rows[p][c], i < m, c < n <= 256, in p order
+  // (fixed order: the result does not depend on threads). pscale and row_index may be null.
+  void (*rank_update)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
+                      const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,
+                      int64_t P);
+  // dst = bf16(src)
+  void (*to_bf16_row)(const float* src, int64_t n, bf16* dst);
+  // out = sum_j weights[j] * rows[j] (out is zero when count == 0); weights may be null (all 1).
+  void (*weighted_sum)(float* out, const float* const* rows, const float* weights, int count, int64_t n);
+};
+
+bool kernels_built(Isa isa);
+const KernelSet& kernels_for(Isa isa);
+
+}  // namespace kt

@@ -1,0 +1,172 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin bindings over src/kernels: ownership of C++ objects, GIL release, error mapping.
+
+No math and no argument checking beyond what C++ does; kt_functional validates inputs and
+passes raw data pointers of tensors it keeps alive for as long as a job runs.
+"""
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libcpp.memory cimport make_shared, shared_ptr
+from libcpp.string cimport string
+
+cimport kernels as kt
+
+
+def cpu_features():
+    """Raw CPUID/XCR0 feature bits and whether Linux granted AMX to this process."""
+    cdef const kt.CpuFeatures* f = &kt.cpu_features()
+    return {
+        "avx2": f.avx2, "fma": f.fma, "avx512f": f.avx512f, "avx512bw": f.avx512bw,
+        "avx512vl": f.avx512vl, "avx512_bf16": f.avx512_bf16, "avx512_vnni": f.avx512_vnni,
+        "amx_tile": f.amx_tile, "amx_bf16": f.amx_bf16, "amx_int8": f.amx_int8,
+        "amx_granted": f.amx_granted,
+    }
+
+
+def runnable_isas():
+    """ISA paths this CPU and this build can run, best first."""
+    return [kt.isa_name(i).decode() for i in kt.runnable_isas()]
+
+
+def default_isa():
+    """The best path, or the one KT_ISA forces (RuntimeError naming KT_ISA if it cannot run)."""
+    return kt.isa_name(kt.default_isa()).decode()
+
+
+cdef kt.Isa _isa(str name) except *:
+    cdef kt.Isa isa = kt.parse_isa(name.encode())
+    kt.kernels_for(isa)  # raises if this CPU or build cannot run it
+    return isa
+
+
+cdef class Pool:
+    """A persistent worker pool, shared by every user asking for the same thread count."""
+    cdef shared_ptr[kt.Pool] ptr
+
+    def __cinit__(self, int threads):
+        self.ptr = kt.shared_pool(threads)
+
+    @property
+    def threads(self):
+        return self.ptr.get().threads()
+
+
+cdef kt.Tensor3 _tensor3(tuple spec):
+    # spec = (data pointer, dtype code, (stride0, stride1, stride2)) of an [E][rows][cols] tensor
+    cdef kt.Tensor3 t
+    t.data = <const void*><uintptr_t>spec[0]
+    t.dtype = <kt.DType><int>spec[1]
+    for i in range(3):
+        t.strides[i] = spec[2][i]
+    return t
+
+
+cdef class PackedExperts:
+    """Expert weights packed once into VNNI panels (forward and backward layouts)."""
+    cdef shared_ptr[const kt.PackedExperts] ptr
+
+    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool):
+        cdef kt.ExpertSource src
+        src.gate = _tensor3(gate)
+        src.up = _tensor3(up)
+        src.down = _tensor3(down)
+        cdef kt.Pool* p = pool.ptr.get()
+        with nogil:
+            self.ptr = <shared_ptr[const kt.PackedExperts]>make_shared[kt.PackedExperts](E, H, I, src, p[0])
+
+    @property
+    def nbytes(self):
+        return self.ptr.get().nbytes()
+
+
+cdef class ForwardCache:
+    """Handle to the residuals of one forward call (owned by C++, freed with this object)."""
+    cdef shared_ptr[kt.ForwardCache] ptr
+
+    @property
+    def nbytes(self):
+        return self.ptr.get().nbytes()
+
+    @property
+    def rank(self):
+        return self.ptr.get().rank
+
+
+cdef class Job:
+    """A submitted forward or backward; wait() releases the GIL."""
+    cdef shared_ptr[kt.Job] ptr
+
+    def wait(self):
+        with nogil:
+            self.ptr.get().wait()
+
+    def done(self):
+        return self.ptr.get().done()
+
+
+cdef kt.LoraView _lora(object lora):
+    # lora = None or (gate_a, gate_b, up_a, up_b, down_a, down_b pointers, dtype code, rank, scale)
+    cdef kt.LoraView v
+    if lora is None:
+        return v
+    v.gate_a = <const void*><uintptr_t>lora[0]
+    v.gate_b = <const void*><uintptr_t>lora[1]
+    v.up_a = <const void*><uintptr_t>lora[2]
+    v.up_b = <const void*><uintptr_t>lora[3]
+    v.down_a = <const void*><uintptr_t>lora[4]
+    v.down_b = <const void*><uintptr_t>lora[5]
+    v.dtype = <kt.DType><int>lora[6]
+    v.rank = lora[7]
+    v.scale = lora[8]
+    return v
+
+
+def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintptr_t ids, uintptr_t w,
+                   int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward):
+    """Plans and submits one forward; returns (Job, ForwardCache or None)."""
+    cdef kt.ForwardArgs a
+    a.x = <const void*>x
+    a.ids = <const int32_t*>ids
+    a.w = <const float*>w
+    a.T = T
+    a.k = k
+    a.y = <void*>y
+    a.y_dtype = <kt.DType>y_dtype
+    a.lora = _lora(lora)
+    a.save_for_backward = save_for_backward
+    cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
+    cdef shared_ptr[kt.ForwardCache] cache
+    cdef Job job = Job.__new__(Job)
+    cdef kt.Pool* p = pool.ptr.get()
+    with nogil:
+        job.ptr = kt.make_forward_job(weights.ptr, ks[0], p.threads(), a, &cache)
+        p.submit(job.ptr)
+    if not save_for_backward:
+        return job, None
+    cdef ForwardCache handle = ForwardCache.__new__(ForwardCache)
+    handle.ptr = cache
+    return job, handle
+
+
+def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cache, uintptr_t gy, uintptr_t dx,
+                    int dx_dtype, uintptr_t dw, object lora, tuple lora_grads):
+    """Submits one backward over a forward's cache; returns the Job."""
+    cdef kt.BackwardArgs a
+    a.gy = <const void*>gy
+    a.dx = <void*>dx
+    a.dx_dtype = <kt.DType>dx_dtype
+    a.dw = <float*>dw
+    a.lora = _lora(lora)
+    a.d_gate_a = <float*><uintptr_t>lora_grads[0]
+    a.d_gate_b = <float*><uintptr_t>lora_grads[1]
+    a.d_up_a = <float*><uintptr_t>lora_grads[2]
+    a.d_up_b = <float*><uintptr_t>lora_grads[3]
+    a.d_down_a = <float*><uintptr_t>lora_grads[4]
+    a.d_down_b = <float*><uintptr_t>lora_grads[5]
+    cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
+    cdef Job job = Job.__new__(Job)
+    cdef kt.Pool* p = pool.ptr.get()
+    cdef shared_ptr[const kt.ForwardCache] c = <shared_ptr[const kt.ForwardCache]>cache.ptr
+    with nogil:
+        job.ptr = kt.make_backward_job(weights.ptr, ks[0], p.threads(), c, a)
+        p.submit(job.ptr)
+    return job

@@ -1,0 +1,112 @@
+# Declarations of the C++ kernel library (src/kernels) used by _core.pyx.
+from libc.stdint cimport int32_t, int64_t
+from libcpp cimport bool
+from libcpp.memory cimport shared_ptr
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+
+cdef extern from "types.hpp" namespace "kt":
+    cdef enum class DType(int):
+        f32
+        bf16
+
+
+cdef extern from "cpu.hpp" namespace "kt":
+    cdef enum class Isa(int):
+        avx2
+        avx512
+        amx
+
+    cdef cppclass CpuFeatures:
+        bool avx2, fma, avx512f, avx512bw, avx512vl, avx512_bf16, avx512_vnni
+        bool amx_tile, amx_bf16, amx_int8, os_avx, os_avx512, os_amx, amx_granted
+
+    const CpuFeatures& cpu_features()
+    const char* isa_name(Isa)
+    Isa parse_isa(const string&) except +
+    bool isa_runnable(Isa)
+    vector[Isa] runnable_isas()
+    Isa default_isa() except +
+
+
+cdef extern from "kernels.hpp" namespace "kt":
+    cdef cppclass KernelSet:
+        pass
+    const KernelSet& kernels_for(Isa) except +
+
+
+cdef extern from "pool.hpp" namespace "kt":
+    cdef cppclass Job:
+        void wait() nogil
+        bool done()
+
+    cdef cppclass Pool:
+        int threads() nogil
+        void submit(shared_ptr[Job]) nogil
+
+    shared_ptr[Pool] shared_pool "kt::Pool::shared"(int) except +
+
+
+cdef extern from "pack.hpp" namespace "kt":
+    cdef cppclass Tensor3 "kt::PackedExperts::Tensor3":
+        const void* data
+        DType dtype
+        int64_t strides[3]
+
+    cdef cppclass ExpertSource "kt::PackedExperts::Source":
+        Tensor3 gate, up, down
+
+    cdef cppclass PackedExperts:
+        PackedExperts(int64_t, int64_t, int64_t, const ExpertSource&, Pool&) except +
+        int64_t E, H, I
+        size_t nbytes()
+
+
+cdef extern from "moe.hpp" namespace "kt":
+    cdef cppclass LoraView:
+        const void* gate_a
+        const void* gate_b
+        const void* up_a
+        const void* up_b
+        const void* down_a
+        const void* down_b
+        DType dtype
+        int64_t rank
+        float scale
+
+    cdef cppclass RoutingPlan:
+        int64_t T, k, E, routes
+
+    cdef cppclass ForwardCache:
+        RoutingPlan plan
+        int64_t rank
+        size_t nbytes()
+
+    cdef cppclass ForwardArgs:
+        const void* x
+        const int32_t* ids
+        const float* w
+        int64_t T, k
+        void* y
+        DType y_dtype
+        LoraView lora
+        bool save_for_backward
+
+    cdef cppclass BackwardArgs:
+        const void* gy
+        void* dx
+        DType dx_dtype
+        float* dw
+        LoraView lora
+        float* d_gate_a
+        float* d_gate_b
+        float* d_up_a
+        float* d_up_b
+        float* d_down_a
+        float* d_down_b
+
+    shared_ptr[Job] make_forward_job(shared_ptr[const PackedExperts], const KernelSet&, int, const ForwardArgs&,
+                                     shared_ptr[ForwardCache]*) except + nogil
+    shared_ptr[Job] make_backward_job(shared_ptr[const PackedExperts], const KernelSet&, int,
+                                      shared_ptr[const ForwardCache], const BackwardArgs&) except + nogil
