@@ -34,9 +34,11 @@ inline float load_as_f32(const void* p, DType t, int64_t i) {
   return t == DType::f32 ? static_cast<const float*>(p)[i] : bf16_to_f32(static_cast<const bf16*>(p)[i]);
 }
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
+// Large arrays are mapped straight from the OS, so freeing them returns the memory at once
+// (malloc would keep it in its heap: resident memory would not track what is alive) and the
+// weights can sit on huge pages. Small ones come from malloc.
+void* allocate_bytes(size_t bytes);
+void free_bytes(void* p, size_t bytes);
 
 // 64-byte aligned, uninitialised array (cache lines and AMX tile rows).
 template <class T>
@@ -44,22 +46,31 @@ class Buffer {
  public:
   Buffer() = default;
   explicit Buffer(size_t n) : n_(n) {
-    if (n == 0) return;
-    size_t bytes = round_up(int64_t(n * sizeof(T)), 64);
-    void* p = std::aligned_alloc(64, bytes);
-    if (!p) throw std::bad_alloc();
-    ptr_.reset(static_cast<T*>(p));
+    if (n) ptr_ = static_cast<T*>(allocate_bytes(n * sizeof(T)));
   }
-  T* data() { return ptr_.get(); }
-  const T* data() const { return ptr_.get(); }
+  ~Buffer() { release(); }
+  Buffer(Buffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_) { o.ptr_ = nullptr, o.n_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = o.ptr_, n_ = o.n_;
+      o.ptr_ = nullptr, o.n_ = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
   size_t size() const { return n_; }
   size_t bytes() const { return n_ * sizeof(T); }
-  void zero() {
-    if (n_) std::memset(ptr_.get(), 0, n_ * sizeof(T));
-  }
 
  private:
-  std::unique_ptr<T, FreeDeleter> ptr_;
+  void release() {
+    if (ptr_) free_bytes(ptr_, n_ * sizeof(T));
+    ptr_ = nullptr;
+  }
+  T* ptr_ = nullptr;
   size_t n_ = 0;
 };
 
