@@ -52,3 +52,9 @@ bool kernels_built(Isa isa);
 const KernelSet& kernels_for(Isa isa);
 
 }  // namespace kt
+
+namespace kt {
+// GFLOP/s of the micro-kernel of `isa` in a tight loop on L1-resident operands, on `threads`
+// workers for about `seconds`: the machine's compute peak as our kernels can reach it.
+double kernel_peak_gflops(Isa isa, int threads, double seconds);
+}  // namespace kt

@@ -38,6 +38,15 @@ cdef kt.Isa _isa(str name) except *:
     return isa
 
 
+def kernel_peak(str isa, int threads, double seconds=1.0):
+    """GFLOP/s of the micro-kernel of `isa` in a tight L1-resident loop on `threads` workers."""
+    cdef kt.Isa i = _isa(isa)
+    cdef double gflops
+    with nogil:
+        gflops = kt.kernel_peak_gflops(i, threads, seconds)
+    return gflops
+
+
 cdef class Pool:
     """A persistent worker pool, shared by every user asking for the same thread count."""
     cdef shared_ptr[kt.Pool] ptr

@@ -34,6 +34,7 @@ cdef extern from "kernels.hpp" namespace "kt":
     cdef cppclass KernelSet:
         pass
     const KernelSet& kernels_for(Isa) except +
+    double kernel_peak_gflops(Isa, int, double) except + nogil
 
 
 cdef extern from "pool.hpp" namespace "kt":

@@ -1,0 +1,42 @@
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+
+#include "common.hpp"
+#include "kernels.hpp"
+#include "pool.hpp"
+
+namespace kt {
+
+double kernel_peak_gflops(Isa isa, int threads, double seconds) {
+  const KernelSet& ks = kernels_for(isa);
+  constexpr int64_t K = 256, np = 3;  // A: mr x 256, B: 3 panels x 256: both stay in L1
+  const int64_t lda = K;
+  const int64_t panel = K * kPanelCols;
+  std::atomic<int64_t> calls{0};
+  auto pool = Pool::shared(threads);
+  using clock = std::chrono::steady_clock;
+  // Operands are shared read-only (each core keeps its own L1 copy); C is per worker.
+  Buffer<bf16> A(size_t(ks.mr * lda)), B(size_t(np * panel));
+  std::fill(A.data(), A.data() + A.size(), bf16(0x3f80));  // 1.0
+  std::fill(B.data(), B.data() + B.size(), bf16(0x3c00));  // 2^-7: sums stay finite
+  const int64_t c_size = ks.mr * np * kPanelCols;
+  Buffer<float> C(size_t(c_size * pool->threads()));
+  auto job = std::make_shared<Job>([&](Worker& w) {
+    float* c = C.data() + w.tid() * c_size;
+    int64_t n = 0;
+    const auto end = clock::now() + std::chrono::duration<double>(seconds);
+    while (clock::now() < end) {
+      for (int i = 0; i < 64; ++i) ks.gemm(A.data(), lda, B.data(), panel, K / 2, np, c, np * kPanelCols, i > 0);
+      n += 64;
+    }
+    calls += n;
+  });
+  auto t0 = clock::now();
+  pool->run(job);
+  double elapsed = std::chrono::duration<double>(clock::now() - t0).count();
+  double flops = double(calls.load()) * 2.0 * ks.mr * np * kPanelCols * K;
+  return flops / elapsed * 1e-9;
+}
+
+}  // namespace kt
