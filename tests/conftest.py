@@ -7,6 +7,11 @@ import os
 import sys
 
 import pytest
+import torch
+
+# The reference and helpers run small torch ops: one intra-op thread keeps them fast and
+# predictable on a 2-core machine whose cores the library's own workers also use.
+torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -49,6 +49,26 @@ def test_cache_consumed_once(prob):
         K.moe_backward(state, cache, gy)
 
 
+def test_lora_modified_between_forward_and_backward(prob):
+    """A backward must not silently mix LoRA values: an in-place update after the forward is an
+    error that leaves the cache usable once the values are restored."""
+    K = ktf()
+    state = make_state(prob)
+    gy = make_gy(prob)
+    y, cache = K.moe_forward(state, prob.x, prob.ids, prob.w)
+    saved = state.lora.down_b.clone()
+    state.lora.down_b.add_(1.0)
+    with pytest.raises(ValueError, match=r"lora"):
+        K.moe_backward(state, cache, gy)
+    assert not cache.consumed
+    state.lora.down_b.copy_(saved)  # another in-place write: the version still differs
+    with pytest.raises(ValueError, match=r"lora"):
+        K.moe_backward(state, cache, gy)
+    y2, cache2 = K.moe_forward(state, prob.x, prob.ids, prob.w)
+    y_ref, g_ref = reference(prob, gy=gy)
+    assert_matches_reference(y2, K.moe_backward(state, cache2, gy), y_ref, g_ref)
+
+
 def test_save_for_backward_false(prob):
     K = ktf()
     state = make_state(prob)

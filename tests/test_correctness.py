@@ -37,6 +37,8 @@ CASES = {
     "single_expert": dict(E=1, H=72, I=40, k=1, T=17, r=3),
     "idle_experts": dict(E=12, H=64, I=40, k=2, T=9, r=4, idle_experts=7),
     "unused_slots": dict(E=6, H=72, I=40, k=3, T=23, r=3, unused_frac=0.35, all_unused_tokens=(0, 5, 22)),
+    "many_tokens_per_expert": dict(E=2, H=136, I=104, k=2, T=300, r=5),
+    "rank1": dict(E=5, H=72, I=40, k=3, T=29, r=1),
 }
 
 
@@ -187,6 +189,19 @@ def test_int32_ids_bf16_w(isa):
     state = make_state(prob, isa)
     _, grads, _, _ = check_state(state, prob)
     assert grads.w.dtype == torch.bfloat16, "grads.w has w's dtype"
+    # fp32 gy with bf16 x
+    _, grads, _, _ = check_state(state, prob, gy=make_gy(prob, dtype=torch.float32))
+    assert grads.x.dtype == torch.bfloat16, "grads.x has x's dtype"
+
+
+def test_same_expert_twice_in_a_token(isa):
+    """MATH.md sums over slots: a token may list the same expert in two slots."""
+    prob = make_problem(**CASES["awkward_T7"], seed=34)
+    ids = prob.ids.clone()
+    ids[:, 1] = ids[:, 0]
+    ids[3, 2] = ids[3, 0]  # three times
+    state = make_state(prob, isa)
+    check_state(state, prob, ids=ids, where=f"[{isa}/duplicate experts]")
 
 
 def test_lora_b_zero_is_base_model(isa):
@@ -285,19 +300,22 @@ def test_deterministic_repeat(isa):
 
 
 def test_threads_do_not_change_results(isa):
-    """threads=1 vs threads=2: equal within fp32 rounding (fp32 inputs -> fp32 outputs)."""
+    """threads=1 vs threads=2 (and 5: more partitions than cores or than 4): equal within
+    fp32 rounding (fp32 inputs -> fp32 outputs)."""
     prob = make_problem(**CASES["qwen3_slice"], seed=33)
     x = prob.x.float()
     gy = make_gy(prob, dtype=torch.float32)
     lora = make_lora(prob)
     weights = make_weights(prob)
     out = {}
-    for threads in (1, 2):
+    for threads in (1, 2, 5):
         state = ktf().MoEState(weights, lora, threads=threads, isa=isa)
         y, g = fwd_bwd(state, x, prob.ids, prob.w, gy)
         out[threads] = {"y": y, **grads_dict(g)}
-    for name, a in out[1].items():
-        b = out[2][name]
-        assert a.dtype == torch.float32, name
-        scale = a.abs().max().item()
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+    for threads in (2, 5):
+        for name, a in out[1].items():
+            b = out[threads][name]
+            assert a.dtype == torch.float32, name
+            scale = a.abs().max().item()
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m: f"threads={threads} vs 1, {name}: {m}")
