@@ -113,6 +113,12 @@ class ForwardHandle:
     def done(self) -> bool:
         return self._job.done()
 
+    def __del__(self):
+        # The kernels read the inputs and write y until the job ends: never free them earlier.
+        job = getattr(self, "_job", None)
+        if job is not None and self._keep_alive is not None:
+            job.wait()
+
     def result(self):
         """(y, cache): y of the input's kind and dtype; cache None without save_for_backward."""
         self._job.wait()

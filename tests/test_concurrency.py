@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -153,3 +154,20 @@ def test_sync_forward_lets_other_python_threads_run():
         stop.set()
         t.join()
     assert during > 0, "a Python thread made no progress during moe_forward: the GIL was held"
+
+
+def test_dropped_async_handle_keeps_inputs_alive(isa):
+    """A handle dropped before result(): its job still reads the inputs it was given, so the
+    drop waits for it; the state then gives correct results."""
+    K = ktf()
+    prob = make_problem(E=6, H=72, I=40, k=3, T=300, r=3, seed=55)
+    state = make_state(prob, isa)
+    for _ in range(3):
+        x = prob.x.clone()  # the handle's only reference to its input
+        handle = K.moe_forward_async(state, x, prob.ids, prob.w)
+        del x, handle
+        gc.collect()
+    gy = make_gy(prob)
+    y, cache = K.moe_forward(state, prob.x, prob.ids, prob.w)
+    y_ref, g_ref = reference(prob, gy=gy)
+    assert_matches_reference(y, K.moe_backward(state, cache, gy), y_ref, g_ref, where=f"[{isa}/dropped handle]")
