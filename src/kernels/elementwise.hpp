@@ -106,8 +106,6 @@ void lora_expand(float* C, int64_t ldc, int64_t rows, int64_t cols, const float*
   }
 }
 
-constexpr int64_t kRankUpdateMaxCols = 256;
-
 void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
                  float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
   for (int i = 0; i < m; ++i)
@@ -116,7 +114,7 @@ void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int
   alignas(64) float r[4][kRankUpdateMaxCols];
   for (int64_t p0 = 0; p0 < P; p0 += 4) {
     int cnt = int(P - p0 < 4 ? P - p0 : 4);
-    float a[4][128];
+    float a[4][kMaxRank];
     for (int q = 0; q < 4; ++q) {
       int64_t p = p0 + (q < cnt ? q : 0);
       const bf16* row = rows + (row_index ? row_index[p] : p) * ldrow;

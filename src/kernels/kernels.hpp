@@ -13,6 +13,9 @@ namespace kt {
 // AMX B tile. K is padded to a multiple of 32 (one AMX tile), N to a multiple of 16.
 constexpr int kPanelCols = 16;
 constexpr int kKAlign = 32;
+// Limits of rank_update: LoRA rank and columns per call.
+constexpr int kMaxRank = 128;
+constexpr int64_t kRankUpdateMaxCols = 256;
 
 // Micro-kernel: C[mr x 16*np] (= or +=) A[mr x K] * B, where A is bf16 row-major (lda elements,
 // K = 2*kpairs, a multiple of 32) and B is np panels, panel p at B + p*panel_stride.
@@ -37,7 +40,8 @@ struct KernelSet {
   // C[m][c] += scale * sum_q coef[m][q] L[q][c]
   void (*lora_expand)(float* C, int64_t ldc, int64_t rows, int64_t cols, const float* coef, int64_t ldcoef, int r,
                       float scale, const float* L, int64_t ldl);
-  // G[i][c] = scale * sum_p coef[p][i] * pscale[p] * rows[p][c], i < m, c < n <= 256, in p order
+  // G[i][c] = scale * sum_p coef[p][i] * pscale[p] * rows[p][c], i < m <= kMaxRank,
+  // c < n <= kRankUpdateMaxCols, summed in p order
   // (fixed order: the result does not depend on threads). pscale and row_index may be null.
   void (*rank_update)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
                       const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,

@@ -13,7 +13,7 @@ constexpr int64_t kRowBlock = 64;        // rows of A per task (a multiple of ev
 constexpr int64_t kColBlock = 64;        // output columns per task: 4 panels
 constexpr int64_t kPanelsPerBlock = kColBlock / kPanelCols;
 constexpr int64_t kTokenBlock = 16;      // tokens per task of the final per-token reduction
-constexpr int64_t kGradCols = 256;       // columns per LoRA-gradient task (rank_update's limit)
+constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient task
 
 size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
