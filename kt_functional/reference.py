@@ -392,3 +392,28 @@ def grouped_mm_moe(x, ids, w, gate, up, down, lora=None, scale=None):
         o = o + s * _gmm(_gmm(h, L["down_a"].transpose(-2, -1), offs), L["down_b"].transpose(-2, -1), offs)
     o = o * w.to(dt).reshape(-1)[route].unsqueeze(1)
     return torch.zeros_like(x).index_add(0, tok, o.to(dt))
+
+
+class TorchLoRAExperts(torch.nn.Module):
+    """Peer and reference for kt_functional.torch.KTExperts: the same experts in plain torch.
+
+    Frozen weights (gate_up [E, 2I, H], gate rows first; down [E, H, I]) and the six LoRA
+    tensors as parameters (MATH.md's shapes), computed by :func:`eager_loop_moe` in the input's
+    dtype. Drop-in for a transformers v5 experts module: forward(hidden_states, top_k_index,
+    top_k_weights).
+    """
+
+    def __init__(self, gate_up, down, lora: Mapping, alpha: float):
+        super().__init__()
+        I = gate_up.shape[1] // 2
+        self.register_buffer("gate", gate_up[:, :I].detach().clone())
+        self.register_buffer("up", gate_up[:, I:].detach().clone())
+        self.register_buffer("down", down.detach().clone())
+        for name in LORA_KEYS:
+            setattr(self, name, torch.nn.Parameter(_as_tensor(lora[name]).detach().clone()))
+        self.scale = alpha / self.gate_a.shape[1]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        lora = {name: getattr(self, name) for name in LORA_KEYS}
+        return eager_loop_moe(hidden_states, top_k_index, top_k_weights, self.gate, self.up, self.down, lora,
+                              self.scale)

@@ -1,0 +1,436 @@
+"""Hugging Face integration: move a transformers MoE model's routed experts into kt-functional.
+
+patch_model(model) swaps every MoE block's routed experts for a KTExperts (packed frozen weights
+in CPU memory + trainable LoRA on every expert); routers, shared experts, norms and attention stay
+torch. load_experts streams a safetensors checkpoint into packed weights layer by layer.
+save_adapter / load_adapter speak PEFT's format for the unpatched model (LoRA on the v5 fused
+expert parameters through `target_parameters`), so the adapter loads in PEFT.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .state import _LORA_NAMES, ExpertWeights, _default_threads
+from .torch import KTExperts
+
+EXPERTS_IMPLEMENTATION = "kt_functional"
+
+# model_type -> architecture, for the error that lists what is supported.
+SUPPORTED_ARCHITECTURES = {
+    "qwen3_moe": "Qwen3-MoE",
+    "qwen3_next": "Qwen3-Next",
+    "qwen3_5_moe": "Qwen3.5-MoE",
+    "qwen3_5_moe_text": "Qwen3.5-MoE (text)",
+    "qwen2_moe": "Qwen2-MoE",
+    "mixtral": "Mixtral",
+    "deepseek_v3": "DeepSeek-V3",
+    "olmoe": "OLMoE",
+}
+
+# Checkpoint keys: v5 fused (`...experts.gate_up_proj`) or one Linear per expert and projection.
+_LAYER = r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\."
+_FUSED_KEY = re.compile(_LAYER + r"(?P<proj>gate_up_proj|down_proj)$")
+_PER_EXPERT_KEY = re.compile(_LAYER + r"(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+_PER_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_LAYER_OF_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    for cfg in (config, getattr(config, "text_config", None)):
+        model_type = getattr(cfg, "model_type", None)
+        if model_type in SUPPORTED_ARCHITECTURES:
+            return model_type
+    supported = ", ".join(f"{name} ({model_type})" for model_type, name in SUPPORTED_ARCHITECTURES.items())
+    raise ValueError(f"model: architecture '{config.model_type}' is not supported; supported: {supported}")
+
+
+def _is_experts(module: nn.Module) -> bool:
+    params = getattr(module, "_parameters", {})
+    return "gate_up_proj" in params and "down_proj" in params and params["gate_up_proj"].dim() == 3
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(name, module) for name, module in model.named_modules() if _is_experts(module)]
+    if not found:
+        raise ValueError("model: no routed-experts module (3-D gate_up_proj / down_proj parameters) was found; "
+                         "was it patched already?")
+    return found
+
+
+def _check_experts(name: str, module: nn.Module) -> None:
+    for flag, ok in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True), ("has_gate", True),
+                     ("has_post_expert_norm", False)):
+        if getattr(module, flag, ok) != ok:
+            raise ValueError(f"model: {name} has {flag}={not ok}; kt-functional runs SwiGLU experts without bias, "
+                             "gate_up_proj [E, 2I, H] with gate rows first")
+    act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"model: {name} uses activation '{act}'; kt-functional's experts compute silu(gate) * up")
+
+
+def _layer_index(name: str) -> int:
+    m = _LAYER_OF_MODULE.search(name)
+    if m is None:
+        raise ValueError(f"model: cannot tell the layer index of experts module '{name}'")
+    return int(m.group(1))
+
+
+def _has_experts_interface() -> bool:
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kt_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' experts interface entry: the experts module holds its KTExperts as `kt_experts`."""
+    kt = getattr(self, "kt_experts", None)
+    if kt is None:
+        raise RuntimeError(f"experts_implementation='{EXPERTS_IMPLEMENTATION}' needs kt_functional.hf.patch_model "
+                           "to have moved this module's experts into kt-functional")
+    return kt(hidden_states, top_k_index, top_k_weights)
+
+
+def _register_experts_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _kt_experts_forward)
+
+
+def _uses_experts_interface(module: nn.Module) -> bool:
+    """True for experts classes decorated with transformers' @use_experts_implementation."""
+    return _has_experts_interface() and hasattr(module, "_is_expert_parallel") and hasattr(module, "config")
+
+
+def kt_layers(model: nn.Module) -> list[tuple[str, KTExperts]]:
+    """(path of the experts module in the unpatched model, its KTExperts) for every patched layer."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, KTExperts):
+            out.append((name.removesuffix(".kt_experts"), module))
+    return out
+
+
+def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
+                checkpoint: str | os.PathLike | None = None, lora_dtype: torch.dtype = torch.float32,
+                isa: str | None = None, freeze_base: bool = True, seed: int = 0) -> nn.Module:
+    """Moves the routed experts of every MoE block into kt-functional; returns the model.
+
+    The torch expert weights are packed and then freed. With checkpoint=, the packed weights are
+    read from that safetensors checkpoint instead (the model's own expert weights may then be
+    empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
+    only the LoRA parameters trainable (set requires_grad on a router to train it too).
+    """
+    _model_type(model)
+    experts = _experts_modules(model)
+    for name, module in experts:
+        _check_experts(name, module)
+    threads = threads or _default_threads()
+    if checkpoint is not None:
+        packed = dict(load_experts(checkpoint, threads=threads))
+        wanted = {_layer_index(name) for name, _ in experts}
+        missing = sorted(wanted - packed.keys())
+        if missing:
+            raise ValueError(f"checkpoint: no routed-expert weights for layers {missing} in {os.fspath(checkpoint)}")
+    use_interface = all(_uses_experts_interface(module) for _, module in experts)
+    if use_interface:
+        _register_experts_implementation()
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name, module in experts:
+        layer = _layer_index(name)
+        if checkpoint is not None:
+            weights = packed.pop(layer)
+        else:
+            if module.gate_up_proj.is_meta or module.down_proj.is_meta:
+                raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
+            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, threads=threads)
+        dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
+        if dims != expected:
+            raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects {expected}")
+        kt = KTExperts(weights, lora_rank, lora_alpha, threads, isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        kt.peft_param_order = [p for p in module._parameters if p in ("gate_up_proj", "down_proj")]
+        if use_interface:
+            del module.gate_up_proj, module.down_proj  # frees the torch expert weights
+            module.kt_experts = kt
+            module.config._experts_implementation = EXPERTS_IMPLEMENTATION
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, kt)
+    return model
+
+
+def _checkpoint_files(checkpoint_dir) -> dict[str, list[str]]:
+    """file -> its tensor names, from model.safetensors.index.json or the *.safetensors files."""
+    from safetensors import safe_open
+
+    root = os.fspath(checkpoint_dir)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"checkpoint_dir: {root} is not a directory")
+    index = os.path.join(root, "model.safetensors.index.json")
+    files: dict[str, list[str]] = defaultdict(list)
+    if os.path.exists(index):
+        with open(index) as f:
+            for key, file in json.load(f)["weight_map"].items():
+                files[os.path.join(root, file)].append(key)
+        return files
+    for file in sorted(os.listdir(root)):
+        if file.endswith(".safetensors") and not file.startswith("adapter_"):
+            path = os.path.join(root, file)
+            with safe_open(path, "pt") as f:
+                files[path] = list(f.keys())
+    if not files:
+        raise FileNotFoundError(f"checkpoint_dir: no *.safetensors files in {root}")
+    return files
+
+
+def _check_source_dtype(t: torch.Tensor, key: str) -> None:
+    if t.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise TypeError(f"checkpoint: {key} has dtype {t.dtype}; kt-functional packs bf16/fp16/fp32 expert weights")
+
+
+def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+    """Yields (layer index, packed ExpertWeights) for each MoE layer of a safetensors checkpoint.
+
+    Reads one layer at a time (sharded + indexed or single file; v5 fused `gate_up_proj` /
+    `down_proj` keys or per-expert `experts.N.{gate,up,down}_proj.weight` / Mixtral's w1/w3/w2),
+    packs it, and drops the torch copy before the next layer: peak memory is the packed size
+    plus one layer.
+    """
+    from safetensors import safe_open
+
+    layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
+    for file, keys in _checkpoint_files(checkpoint_dir).items():
+        for key in keys:
+            if m := _FUSED_KEY.match(key):
+                layers[int(m["layer"])]["fused"][m["proj"]] = (file, key)
+            elif m := _PER_EXPERT_KEY.match(key):
+                proj = _PER_EXPERT_PROJ[m["proj"]]
+                layers[int(m["layer"])]["experts"][(int(m["expert"]), proj)] = (file, key)
+    if not layers:
+        raise ValueError(f"checkpoint_dir: no routed-expert weights found in {os.fspath(checkpoint_dir)}")
+
+    def read(located: list[tuple[str, str]]) -> Iterator[tuple[str, torch.Tensor]]:
+        by_file = defaultdict(list)
+        for file, key in located:
+            by_file[file].append(key)
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as f:  # opened per layer: the mapping is released after it
+                for key in keys:
+                    t = f.get_tensor(key)
+                    _check_source_dtype(t, key)
+                    yield key, t
+
+    for layer in sorted(layers):
+        fused, per_expert = layers[layer]["fused"], layers[layer]["experts"]
+        if len(fused) == 2:
+            t = dict(read(list(fused.values())))
+            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads)
+        else:
+            num_experts = 1 + max(e for e, _ in per_expert)
+            missing = [(e, p) for e in range(num_experts) for p in ("gate", "up", "down") if (e, p) not in per_expert]
+            if missing:
+                raise ValueError(f"checkpoint: layer {layer} lacks expert weights {missing[:4]} (expert, projection)")
+            where = {key: ep for ep, (_, key) in per_expert.items()}
+            stacked: dict[str, torch.Tensor] = {}
+            for key, t in read(list(per_expert.values())):
+                e, proj = where[key]
+                if proj not in stacked:
+                    stacked[proj] = torch.empty((num_experts, *t.shape), dtype=t.dtype)
+                stacked[proj][e].copy_(t)
+                del t
+            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads)
+        yield layer, weights
+
+
+# ---- PEFT adapter format ---------------------------------------------------------------------------------------
+#
+# PEFT puts LoRA on a v5 experts module's 3-D parameters with `target_parameters`; each ParamWrapper
+# holds lora_A [E*R, in] (expert e: rows e*R..) and lora_B [out, R*E] (expert e: columns k*E + e).
+# The wrapper of the module's first parameter is innermost, so its keys carry `.base_layer`.
+# gate_up_proj gets one LoRA over both halves: ours (separate gate and up LoRA of rank r) is that
+# LoRA at rank 2r with A = [Ag; Au] and B = blockdiag(Bg, Bu), exactly. PEFT's config has one rank,
+# so down_proj's LoRA is written at rank 2r too, its extra components zero (dropped again on load).
+
+_ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft_keys(path: str, kt: KTExperts) -> dict[str, str]:
+    """projection ('gate_up_proj' / 'down_proj') -> PEFT key prefix."""
+    order = getattr(kt, "peft_param_order", ["gate_up_proj", "down_proj"])
+    prefix = f"base_model.model.{path}"
+    return {order[0]: f"{prefix}.base_layer", order[1]: prefix}
+
+
+def _target_suffix(path: str) -> str:
+    """'model.layers.3.mlp.experts' -> 'mlp.experts' (the part PEFT's target_parameters names)."""
+    return _LAYER_OF_MODULE.split(path, maxsplit=1)[-1] if _LAYER_OF_MODULE.search(path) else path
+
+
+def _patched_layers(model: nn.Module) -> list[tuple[str, KTExperts]]:
+    layers = kt_layers(model)
+    if not layers:
+        raise ValueError("model: it has no kt-functional experts; call kt_functional.hf.patch_model(model) first")
+    if any(not kt.lora_rank for _, kt in layers):
+        raise ValueError("model: it was patched without LoRA (lora_rank=None); there is no adapter")
+    return layers
+
+
+def save_adapter(model: nn.Module, save_directory) -> None:
+    """Writes the experts' LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
+
+    peft.PeftModel.from_pretrained(unpatched_model, save_directory) then computes what the patched
+    model computes.
+    """
+    from safetensors.torch import save_file
+
+    layers = _patched_layers(model)
+    ranks = {kt.lora_rank for _, kt in layers}
+    alphas = {kt.lora_alpha for _, kt in layers}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"model: one adapter needs one LoRA rank and alpha, got ranks {ranks}, alphas {alphas}")
+    r, alpha = ranks.pop(), alphas.pop()
+    tensors = {}
+    suffixes = set()
+    for path, kt in layers:
+        E, H, I = kt.num_experts, kt.hidden_size, kt.intermediate_size
+        keys = _peft_keys(path, kt)
+        ga, gb, ua, ub, da, db = (getattr(kt, n).detach().float() for n in _LORA_NAMES)
+        a_gu = torch.cat([ga, ua], dim=1)  # [E, 2r, H]
+        b_gu = torch.zeros(E, 2 * I, 2 * r)
+        b_gu[:, :I, :r], b_gu[:, I:, r:] = gb, ub
+        tensors[f"{keys['gate_up_proj']}.lora_A.weight"] = a_gu.reshape(E * 2 * r, H).contiguous()
+        tensors[f"{keys['gate_up_proj']}.lora_B.weight"] = b_gu.permute(1, 2, 0).reshape(2 * I, 2 * r * E).contiguous()
+        da, db = _pad_rank(da, db, 2 * r)
+        tensors[f"{keys['down_proj']}.lora_A.weight"] = da.reshape(E * 2 * r, I).contiguous()
+        tensors[f"{keys['down_proj']}.lora_B.weight"] = db.permute(1, 2, 0).reshape(H, 2 * r * E).contiguous()
+        suffixes.add(_target_suffix(path))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
+        "r": 2 * r,  # gate_up_proj: gate and up LoRA side by side
+        "lora_alpha": 2 * alpha,  # the same scale alpha / r
+        "target_modules": [],
+        "target_parameters": sorted(f"{s}.{p}" for s in suffixes for p in ("gate_up_proj", "down_proj")),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    save_file(tensors, os.path.join(save_directory, _ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(save_directory, _ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    for pattern, value in patterns.items():  # PEFT's rule: the pattern matches a suffix of the key
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _split_gate_up(a: torch.Tensor, b: torch.Tensor, I: int):
+    """PEFT's gate_up LoRA (a [E, R, H], b [E, 2I, R]) as separate gate / up LoRA with the same product."""
+    R = a.shape[1]
+    h = R // 2
+    if R % 2 == 0 and not b[:, :I, h:].any() and not b[:, I:, :h].any():  # block diagonal: ours, rank R/2
+        return a[:, :h], b[:, :I, :h], a[:, h:], b[:, I:, h:]
+    return a, b[:, :I], a, b[:, I:]  # one A shared by gate and up, at rank R
+
+
+def _trim_rank(a: torch.Tensor, b: torch.Tensor):
+    """Drops trailing rank components that are zero in both A and B (they add nothing)."""
+    used = a.any(dim=2).any(dim=0) | b.any(dim=1).any(dim=0)
+    rank = max(1, int(used.nonzero().max()) + 1 if used.any() else 1)
+    return a[:, :rank], b[:, :, :rank]
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int):
+    extra = rank - a.shape[1]
+    if extra == 0:
+        return a, b
+    return (torch.cat([a, a.new_zeros(a.shape[0], extra, a.shape[2])], dim=1),
+            torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], extra)], dim=2))
+
+
+def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
+    """Loads a PEFT LoRA adapter on the v5 expert parameters (e.g. one save_adapter wrote) into a patched model.
+
+    The KTExperts' LoRA parameters are replaced (their rank follows the adapter): build the
+    optimizer after loading. Returns the model.
+    """
+    from safetensors.torch import load_file
+
+    layers = kt_layers(model)
+    if not layers:
+        raise ValueError("model: it has no kt-functional experts; call kt_functional.hf.patch_model(model) first")
+    root = os.fspath(adapter_directory)
+    config_path, weights_path = os.path.join(root, _ADAPTER_CONFIG), os.path.join(root, _ADAPTER_WEIGHTS)
+    if not (os.path.exists(config_path) and os.path.exists(weights_path)):
+        raise FileNotFoundError(f"adapter_directory: expected {_ADAPTER_CONFIG} and {_ADAPTER_WEIGHTS} in {root}")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("lora_bias"):
+        raise ValueError(f"adapter_directory: only plain LoRA adapters are supported, got {config.get('peft_type')}")
+    state = load_file(weights_path)
+    state = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v for k, v in state.items()}
+
+    def scale(param_key: str, rank: int) -> float:
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, param_key, config.get("lora_alpha", 8))
+        return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+    loaded = []
+    for path, kt in layers:
+        E, H, I = kt.num_experts, kt.hidden_size, kt.intermediate_size
+        prefix = f"base_model.model.{path}"
+        pairs = {}
+        for wrapper in (f"{prefix}.base_layer", prefix):
+            a, b = state.get(f"{wrapper}.lora_A.weight"), state.get(f"{wrapper}.lora_B.weight")
+            if a is None or b is None:
+                continue
+            which = {(H, 2 * I): "gate_up_proj", (I, H): "down_proj"}.get((a.shape[1], b.shape[0]))
+            if which is None or a.shape[0] % E or b.shape[1] != a.shape[0]:
+                raise ValueError(f"adapter_directory: {wrapper} LoRA shapes A {list(a.shape)}, B {list(b.shape)} "
+                                 f"do not fit experts with (E, H, I) = {(E, H, I)}")
+            R = a.shape[0] // E
+            pairs[which] = (a.float().reshape(E, R, a.shape[1]), b.float().reshape(b.shape[0], R, E).permute(2, 0, 1))
+        if set(pairs) != {"gate_up_proj", "down_proj"}:
+            raise ValueError(f"adapter_directory: no LoRA for both gate_up_proj and down_proj of {path}")
+        (a_gu, b_gu), (a_d, b_d) = pairs["gate_up_proj"], pairs["down_proj"]
+        s_gu, s_d = scale(f"{path}.gate_up_proj", a_gu.shape[1]), scale(f"{path}.down_proj", a_d.shape[1])
+        ga, gb, ua, ub = _split_gate_up(a_gu, b_gu, I)
+        a_d, b_d = _trim_rank(a_d, b_d)
+        rank = max(ga.shape[1], a_d.shape[1])
+        alpha = s_gu * rank  # our one scale alpha / rank equals the gate_up scale; fold the down ratio into Bd
+        ga, gb = _pad_rank(ga, gb, rank)
+        ua, ub = _pad_rank(ua, ub, rank)
+        da, db = _pad_rank(a_d, b_d * (s_d / s_gu), rank)
+        loaded.append((kt, dict(zip(_LORA_NAMES, (ga, gb, ua, ub, da, db))), alpha))
+    for kt, tensors, alpha in loaded:  # all layers validated before any is changed
+        dtype = kt.gate_a.dtype if kt.lora_rank else torch.float32
+        kt.set_lora({n: t.to(dtype) for n, t in tensors.items()}, alpha)
+    return model
+
+
+__all__ = ["patch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "SUPPORTED_ARCHITECTURES",
+           "EXPERTS_IMPLEMENTATION"]

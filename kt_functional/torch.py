@@ -1,0 +1,218 @@
+"""The torch adapter: the expert layer as torch.library custom ops with autograd, and KTExperts.
+
+`torch.ops.kt_functional.moe_forward` / `moe_backward` wrap the functional API. Their fake
+(meta) implementations let torch.compile trace models that use them; `register_autograd` makes
+the backward op the forward's gradient formula.
+
+A forward's residuals (the MoECache) travel to the backward inside an int64[1] "residuals"
+tensor: the tensor's storage owns the cache and its address names it (its value is 1, or 0 for
+a forward that saved nothing, so eager and compiled runs give equal outputs). Autograd, non-reentrant activation checkpointing and
+torch.compile all decide the lifetime of saved *tensors*, so the cache lives exactly as long as
+they keep that tensor: checkpointing drops it after the forward and the recomputation makes a new
+one, so the expert cache is never held twice.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ops import MoECache, moe_backward, moe_forward
+from .state import _LORA_NAMES, MAX_LORA_RANK, ExpertWeights, LoRA, MoEState, _default_threads
+
+_NAMESPACE = "kt_functional"
+
+# layer id -> MoEState without LoRA (weights, threads, isa); the KTExperts owning it keeps it alive.
+_LAYERS: "weakref.WeakValueDictionary[int, MoEState]" = weakref.WeakValueDictionary()
+_LAYER_IDS = itertools.count(1)
+# data address -> _Residuals array; the array is owned by the storage of the tensor that wraps it.
+_RESIDUALS: "weakref.WeakValueDictionary[int, _Residuals]" = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+
+class _Residuals(np.ndarray):
+    """int64[1] = [1]; its attributes own one forward's state and MoECache."""
+
+
+def register_layer(state: MoEState) -> int:
+    """Makes a LoRA-less MoEState callable from the ops; returns its layer id (the state stays owned by the caller)."""
+    if not isinstance(state, MoEState) or state.lora is not None:
+        raise TypeError("state: expected a MoEState without LoRA (the ops take the LoRA tensors as inputs)")
+    with _LOCK:
+        layer = next(_LAYER_IDS)
+        _LAYERS[layer] = state
+    return layer
+
+
+def _layer(layer: int) -> MoEState:
+    state = _LAYERS.get(layer)
+    if state is None:
+        raise ValueError(f"layer: no live kt_functional layer with id {layer} (its KTExperts was freed?)")
+    return state
+
+
+def _state_with(layer: int, lora: list[torch.Tensor], alpha: float) -> MoEState:
+    base = _layer(layer)
+    if not lora:
+        return base
+    if len(lora) != len(_LORA_NAMES):
+        raise ValueError(f"lora: expected the six LoRA tensors {_LORA_NAMES} or none, got {len(lora)}")
+    return replace(base, lora=LoRA(*lora, alpha=alpha))
+
+
+def _residuals_tensor(state: MoEState, cache: MoECache | None) -> torch.Tensor:
+    if cache is None:
+        return torch.zeros(1, dtype=torch.int64)
+    holder = np.ones(1, dtype=np.int64).view(_Residuals)
+    holder.state, holder.cache = state, cache
+    with _LOCK:
+        _RESIDUALS[holder.ctypes.data] = holder
+    return torch.from_numpy(holder)
+
+
+def live_residuals() -> tuple[int, int]:
+    """(count, bytes) of forward residuals held right now by tensors of the torch adapter."""
+    holders = list(_RESIDUALS.values())
+    live = [h.cache for h in holders if not h.cache.consumed]
+    return len(live), sum(c.nbytes for c in live)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_forward", mutates_args=())
+def _moe_forward_op(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, lora: list[torch.Tensor],
+                    layer: int, alpha: float, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    state = _state_with(layer, lora, alpha)
+    y, cache = moe_forward(state, x, ids, w, save_for_backward=save)
+    return y, _residuals_tensor(state, cache)
+
+
+@_moe_forward_op.register_fake
+def _(x, ids, w, lora, layer, alpha, save):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((1,), dtype=torch.int64,
+                                                                                   device="cpu")
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::moe_backward", mutates_args=())
+def _moe_backward_op(residuals: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                     lora: list[torch.Tensor]) -> list[torch.Tensor]:
+    holder = _RESIDUALS.get(residuals.data_ptr())
+    if not int(residuals[0]):
+        raise RuntimeError("residuals: this forward ran without saving residuals (no input required grad)")
+    if holder is None or holder.cache.consumed:
+        raise RuntimeError(
+            "kt_functional: the residuals of this expert-layer forward were already used by a backward "
+            "(a second backward through the same graph needs a new forward)"
+        )
+    grads = moe_backward(holder.state, holder.cache, gy)
+    out = [grads.x.to(x.dtype), grads.w.to(w.dtype)]
+    if lora:
+        out += [getattr(grads.lora, name).to(t.dtype) for name, t in zip(_LORA_NAMES, lora)]
+    return out
+
+
+@_moe_backward_op.register_fake
+def _(residuals, gy, x, w, lora):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(w, memory_format=torch.contiguous_format)] + [
+        torch.empty_like(t, memory_format=torch.contiguous_format) for t in lora]
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids, w, lora, layer, alpha, save = inputs
+    ctx.save_for_backward(output[1], x, w, *lora)
+    ctx.num_lora = len(lora)
+
+
+def _backward(ctx, gy, _g_residuals):
+    residuals, x, w, *lora = ctx.saved_tensors
+    dx, dw, *dlora = torch.ops.kt_functional.moe_backward(residuals, gy, x, w, lora)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, None, dw if needs[2] else None,
+            dlora if ctx.num_lora else None, None, None, None)
+
+
+_moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, layer: int,
+                lora: list[torch.Tensor] | tuple = (), alpha: float = 32.0) -> torch.Tensor:
+    """y = the expert layer registered as layer, differentiable in x, w and the LoRA tensors."""
+    lora = list(lora)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *lora])
+    y, _ = torch.ops.kt_functional.moe_forward(x, ids, w, lora, layer, float(alpha), save)
+    return y
+
+
+class KTExperts(nn.Module):
+    """The routed experts of one MoE layer: packed frozen weights on the CPU plus trainable LoRA.
+
+    The six LoRA tensors are nn.Parameters in PEFT's shapes (one A [r, in] and B [out, r] per
+    expert): gate_a, up_a [E, r, H]; gate_b, up_b [E, I, r]; down_a [E, r, I]; down_b [E, H, r].
+    The kernels read them at every call, so any optimizer's in-place step is used by the next
+    forward. forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H] is
+    transformers v5's experts signature; hidden_states may live on any device.
+    """
+
+    def __init__(self, weights: ExpertWeights, lora_rank: int | None = 16, lora_alpha: float = 32.0,
+                 threads: int | None = None, *, isa: str | None = None, lora_dtype: torch.dtype = torch.float32,
+                 seed: int = 0):
+        super().__init__()
+        if not isinstance(weights, ExpertWeights):
+            raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
+        self._state = MoEState(weights, None, threads=threads or _default_threads(), isa=isa)
+        self._layer = register_layer(self._state)
+        self.lora_alpha = float(lora_alpha)
+        if lora_rank is None:
+            self.lora_rank = 0
+            return
+        lora = LoRA.init(weights, rank=lora_rank, alpha=lora_alpha, seed=seed, dtype=lora_dtype)
+        self.set_lora(lora.tensors(), lora_alpha)
+
+    def set_lora(self, tensors: dict[str, torch.Tensor], alpha: float) -> None:
+        """Replaces the LoRA parameters (any rank in 1..128) by copies of tensors; validates them first."""
+        LoRA(**{name: tensors[name].detach() for name in _LORA_NAMES}, alpha=alpha)  # shape/dtype checks
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        if tuple(tensors["gate_a"].shape[::2]) != (E, H) or tensors["gate_b"].shape[1] != I:
+            raise ValueError(f"tensors: LoRA for (E, H, I) = {(E, H, I)} expected, got gate_a "
+                             f"{list(tensors['gate_a'].shape)}, gate_b {list(tensors['gate_b'].shape)}")
+        for name in _LORA_NAMES:
+            setattr(self, name, nn.Parameter(tensors[name].detach().clone().contiguous()))
+        self.lora_rank = self.gate_a.shape[1]
+        self.lora_alpha = float(alpha)
+
+    @property
+    def weights(self) -> ExpertWeights:
+        return self._state.weights
+
+    @property
+    def num_experts(self) -> int:
+        return self._state.weights.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        return self._state.weights.hidden_size
+
+    @property
+    def intermediate_size(self) -> int:
+        return self._state.weights.intermediate_size
+
+    def lora_tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in _LORA_NAMES] if self.lora_rank else []
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return moe_experts(hidden_states, top_k_index, top_k_weights, self._layer, self.lora_tensors(),
+                           self.lora_alpha)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
+                f"lora_alpha={self.lora_alpha}, threads={self._state.threads}, isa={self._state.isa!r}, "
+                f"packed={self.weights.nbytes / 2**20:.1f} MiB")
+
+
+__all__ = ["KTExperts", "moe_experts", "register_layer", "live_residuals", "MAX_LORA_RANK"]
