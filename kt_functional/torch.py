@@ -132,7 +132,7 @@ def _backward(ctx, gy, _g_residuals):
     dx, dw, *dlora = torch.ops.kt_functional.moe_backward(residuals, gy, x, w, lora)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, None, dw if needs[2] else None,
-            dlora if ctx.num_lora else None, None, None, None)
+            dlora if ctx.num_lora else [], None, None, None)
 
 
 _moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
