@@ -394,17 +394,23 @@ def grouped_mm_moe(x, ids, w, gate, up, down, lora=None, scale=None):
     return torch.zeros_like(x).index_add(0, tok, o.to(dt))
 
 
+_EXPERTS_IMPLS = {"eager": eager_loop_moe, "grouped_mm": grouped_mm_moe}
+
+
 class TorchLoRAExperts(torch.nn.Module):
     """Peer and reference for kt_functional.torch.KTExperts: the same experts in plain torch.
 
     Frozen weights (gate_up [E, 2I, H], gate rows first; down [E, H, I]) and the six LoRA
-    tensors as parameters (MATH.md's shapes), computed by :func:`eager_loop_moe` in the input's
-    dtype. Drop-in for a transformers v5 experts module: forward(hidden_states, top_k_index,
-    top_k_weights).
+    tensors as parameters (MATH.md's shapes), computed in the input's dtype by
+    :func:`eager_loop_moe` (impl="eager") or :func:`grouped_mm_moe` (impl="grouped_mm").
+    Drop-in for a transformers v5 experts module: forward(hidden_states, top_k_index, top_k_weights).
     """
 
-    def __init__(self, gate_up, down, lora: Mapping, alpha: float):
+    def __init__(self, gate_up, down, lora: Mapping, alpha: float, impl: str = "eager"):
         super().__init__()
+        if impl not in _EXPERTS_IMPLS:
+            raise ValueError(f"impl: expected one of {sorted(_EXPERTS_IMPLS)}, got {impl!r}")
+        self.impl = _EXPERTS_IMPLS[impl]
         I = gate_up.shape[1] // 2
         self.register_buffer("gate", gate_up[:, :I].detach().clone())
         self.register_buffer("up", gate_up[:, I:].detach().clone())
@@ -415,5 +421,4 @@ class TorchLoRAExperts(torch.nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         lora = {name: getattr(self, name) for name in LORA_KEYS}
-        return eager_loop_moe(hidden_states, top_k_index, top_k_weights, self.gate, self.up, self.down, lora,
-                              self.scale)
+        return self.impl(hidden_states, top_k_index, top_k_weights, self.gate, self.up, self.down, lora, self.scale)

@@ -5,11 +5,14 @@
 the backward op the forward's gradient formula.
 
 A forward's residuals (the MoECache) travel to the backward inside an int64[1] "residuals"
-tensor: the tensor's storage owns the cache and its address names it (its value is 1, or 0 for
-a forward that saved nothing, so eager and compiled runs give equal outputs). Autograd, non-reentrant activation checkpointing and
+tensor whose storage owns the cache. Autograd, non-reentrant activation checkpointing and
 torch.compile all decide the lifetime of saved *tensors*, so the cache lives exactly as long as
 they keep that tensor: checkpointing drops it after the forward and the recomputation makes a new
-one, so the expert cache is never held twice.
+one, so the expert cache is never held twice. The backward finds the cache by the tensor's
+address. The tensor's value is a key made of the call's layer, alpha and input shapes (equal in an
+eager and a compiled run of the same call, as opcheck requires); a copy of the tensor (opcheck,
+a copying saved-tensor hook) finds its cache by that key while the original lives and no other
+forward of the same key is pending.
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ _NAMESPACE = "kt_functional"
 # layer id -> MoEState without LoRA (weights, threads, isa); the KTExperts owning it keeps it alive.
 _LAYERS: "weakref.WeakValueDictionary[int, MoEState]" = weakref.WeakValueDictionary()
 _LAYER_IDS = itertools.count(1)
-# data address -> _Residuals array; the array is owned by the storage of the tensor that wraps it.
-_RESIDUALS: "weakref.WeakValueDictionary[int, _Residuals]" = weakref.WeakValueDictionary()
-_LOCK = threading.Lock()
+# key -> weak references to the live _Residuals arrays with that key; each array is owned by the
+# storage of the tensor that wraps it.
+_RESIDUALS: dict[int, list[weakref.ref]] = {}
+_LOCK = threading.RLock()  # re-entrant: a holder may die (and _forget run) while the lock is held
 
 
 class _Residuals(np.ndarray):
-    """int64[1] = [1]; its attributes own one forward's state and MoECache."""
+    """int64[1] = [key]; its attributes own one forward's state and MoECache."""
 
 
 def register_layer(state: MoEState) -> int:
@@ -65,20 +69,58 @@ def _state_with(layer: int, lora: list[torch.Tensor], alpha: float) -> MoEState:
     return replace(base, lora=LoRA(*lora, alpha=alpha))
 
 
-def _residuals_tensor(state: MoEState, cache: MoECache | None) -> torch.Tensor:
+def _residuals_key(layer: int, alpha: float, inputs: list[torch.Tensor]) -> int:
+    parts = (layer, alpha, *((tuple(t.shape), t.dtype) for t in inputs))
+    return (hash(parts) & 0x7FFF_FFFF_FFFF_FFFF) or 1  # 0 means "nothing saved"
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    with _LOCK:
+        refs = _RESIDUALS.get(key, [])
+        if ref in refs:
+            refs.remove(ref)
+        if not refs:
+            _RESIDUALS.pop(key, None)
+
+
+def _residuals_tensor(key: int, state: MoEState, cache: MoECache | None) -> torch.Tensor:
     if cache is None:
         return torch.zeros(1, dtype=torch.int64)
-    holder = np.ones(1, dtype=np.int64).view(_Residuals)
+    holder = np.array([key], dtype=np.int64).view(_Residuals)
     holder.state, holder.cache = state, cache
     with _LOCK:
-        _RESIDUALS[holder.ctypes.data] = holder
+        _RESIDUALS.setdefault(key, []).append(weakref.ref(holder, lambda ref: _forget(key, ref)))
     return torch.from_numpy(holder)
+
+
+def _find_residuals(residuals: torch.Tensor) -> "_Residuals":
+    key = int(residuals[0])
+    if key == 0:
+        raise RuntimeError("residuals: this forward ran without saving residuals (no input required grad)")
+    with _LOCK:
+        holders = [ref() for ref in _RESIDUALS.get(key, [])]
+    pending = [h for h in holders if h is not None and not h.cache.consumed]
+    for holder in pending:
+        if holder.ctypes.data == residuals.data_ptr():
+            return holder
+    if len(pending) == 1:  # a copy of the residuals tensor
+        return pending[0]
+    if pending:
+        raise RuntimeError(
+            "residuals: a copy of a residuals tensor matches several pending forwards of this layer; "
+            "saved-tensor hooks that copy tensors are not supported with several forwards in flight"
+        )
+    raise RuntimeError(
+        "kt_functional: the residuals of this expert-layer forward were already used by a backward, or freed "
+        "(a second backward through the same graph needs a new forward)"
+    )
 
 
 def live_residuals() -> tuple[int, int]:
     """(count, bytes) of forward residuals held right now by tensors of the torch adapter."""
-    holders = list(_RESIDUALS.values())
-    live = [h.cache for h in holders if not h.cache.consumed]
+    with _LOCK:
+        holders = [ref() for refs in _RESIDUALS.values() for ref in refs]
+    live = [h.cache for h in holders if h is not None and not h.cache.consumed]
     return len(live), sum(c.nbytes for c in live)
 
 
@@ -86,8 +128,9 @@ def live_residuals() -> tuple[int, int]:
 def _moe_forward_op(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, lora: list[torch.Tensor],
                     layer: int, alpha: float, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
     state = _state_with(layer, lora, alpha)
+    key = _residuals_key(layer, alpha, [x, ids, w, *lora]) if save else 0
     y, cache = moe_forward(state, x, ids, w, save_for_backward=save)
-    return y, _residuals_tensor(state, cache)
+    return y, _residuals_tensor(key, state, cache)
 
 
 @_moe_forward_op.register_fake
@@ -99,14 +142,7 @@ def _(x, ids, w, lora, layer, alpha, save):
 @torch.library.custom_op(f"{_NAMESPACE}::moe_backward", mutates_args=())
 def _moe_backward_op(residuals: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                      lora: list[torch.Tensor]) -> list[torch.Tensor]:
-    holder = _RESIDUALS.get(residuals.data_ptr())
-    if not int(residuals[0]):
-        raise RuntimeError("residuals: this forward ran without saving residuals (no input required grad)")
-    if holder is None or holder.cache.consumed:
-        raise RuntimeError(
-            "kt_functional: the residuals of this expert-layer forward were already used by a backward "
-            "(a second backward through the same graph needs a new forward)"
-        )
+    holder = _find_residuals(residuals)
     grads = moe_backward(holder.state, holder.cache, gy)
     out = [grads.x.to(x.dtype), grads.w.to(w.dtype)]
     if lora:

@@ -441,15 +441,12 @@ def test_bf16_hidden_states(lora_dtype):
 
 
 # ----------------------------------------------------------------------------- 1b. opcheck of the backward op
-# (last in the file, so that `pytest -x` runs every other test before this known failure)
-@pytest.mark.parametrize("test_util", ["test_schema", "test_autograd_registration", "test_faketensor",
-                                       "test_aot_dispatch_dynamic"])
+# test_aot_dispatch_dynamic runs the op twice (eager, then compiled) on one residuals tensor, but a
+# forward's residuals are consumed by exactly one backward by design; the forward op's
+# test_aot_dispatch_dynamic (above) already runs this backward through AOTDispatcher.
+@pytest.mark.parametrize("test_util", ["test_schema", "test_autograd_registration", "test_faketensor"])
 def test_opcheck_backward_op(test_util):
-    # BUG (kt_functional/torch.py, _moe_backward_op): the backward op finds its residuals by the
-    # residuals tensor's data_ptr(), not by its value, so any copy of the residuals tensor (here
-    # opcheck's deepcopy of the inputs; likewise a saved_tensors_hooks pack that copies) raises
-    # RuntimeError "...residuals of this expert-layer forward were already used by a backward..."
-    # although they were never used. Left failing on purpose (each test util gets fresh residuals).
+    # opcheck passes deep copies of the inputs: the residuals copy must still find its cache.
     prob = _problem()
     m = _module(prob)
     lora = [t.detach() for t in m.lora_tensors()]

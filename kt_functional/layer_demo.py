@@ -1,7 +1,7 @@
-"""The main job: one Qwen3-30B-A3B-shaped MoE layer, forward and backward with LoRA, checked
+"""The layer demo: one Qwen3-30B-A3B-shaped MoE layer, forward and backward with LoRA, checked
 against the fp32 reference on a sample of tokens and timed beside plain torch.
 
-    python -m kt_functional [--tokens 1024] [--threads N] [--experts 128] [--check-tokens 32]
+    python -m kt_functional.layer_demo [--tokens 1024] [--threads N] [--experts 128] [--check-tokens 32]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _median_time(fn, repeat: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kt_functional", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kt_functional.layer_demo", description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--hidden", type=int, default=2048)
