@@ -148,6 +148,7 @@ def main() -> None:
     router_opt = None if args.no_train_router else Adam({"router": router}, lr=args.router_lr)
 
     # ---- 4. training loop ------------------------------------------------------------------------------------
+    # (step 0's "update" includes one-off warm-up: the first autograd backward through the router.)
     print(f"\n{'step':>4} {'loss':>10} {'route ms':>9} {'fwd ms':>8} {'bwd ms':>8} {'update ms':>9}")
     for step in range(args.steps):
         t0 = time.perf_counter()
@@ -192,6 +193,8 @@ def main() -> None:
         other = torch.randn(T, H)
         proj = torch.randn(H, H) * H**-0.5
 
+        # The overlap pays where the other work runs elsewhere (a GPU's share of the layer, or spare cores);
+        # on a small CPU where torch and the library share the same cores, expect little or no gain.
         def torch_work():  # stand-in for e.g. the attention of the next micro-batch, or a GPU's share
             out = other
             for _ in range(4):

@@ -136,6 +136,10 @@ class LoRA:
     def rank(self) -> int:
         return self.gate_a.shape[1]
 
+    def __repr__(self) -> str:  # shapes, not the tensors' values
+        E, H, I, r = self.shape
+        return f"LoRA(E={E}, H={H}, I={I}, rank={r}, alpha={self.alpha}, dtype={str(self.gate_a.dtype)[6:]})"
+
     @property
     def scale(self) -> float:
         """s = alpha / r (MATH.md)."""
