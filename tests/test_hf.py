@@ -313,3 +313,18 @@ def test_gradient_accumulation_matches_one_batch():
     ref = lora_grads(one)
     for key, g in lora_grads(accum).items():
         assert rel_err(g, ref[key]) <= TOL, key
+
+
+def test_fallback_replaces_modules_without_experts_interface(monkeypatch):
+    """Where transformers has no experts interface, the experts modules themselves become KTExperts."""
+    monkeypatch.setattr(hf, "_has_experts_interface", lambda: False)
+    base = build("olmoe")
+    model = _patched(base)
+    assert all(isinstance(model.get_submodule(path), KTExperts) for path, _ in hf.kt_layers(model))
+    twin = torch_twin(base, model)
+    ids = batch()
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(twin, ids)
+    assert abs(loss - ref_loss) / ref_loss <= TOL
+    for key, g in grads.items():
+        assert rel_err(g, ref_grads[key]) <= TOL, key
