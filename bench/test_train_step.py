@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from conftest import SMOKE  # noqa: E402
 
 from kt_functional import hf  # noqa: E402
-from kt_functional.__main__ import _optimizer, _step, _torch_twin  # noqa: E402
+from kt_functional.__main__ import _optimizer, _step  # noqa: E402
 
 MODEL = dict(layers=1, experts=8, hidden=128, intermediate=64, seq=32) if SMOKE else \
     dict(layers=4, experts=32, hidden=1024, intermediate=384, seq=256)
@@ -33,12 +33,7 @@ def models():
         tie_word_embeddings=False)
     base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
     patched = hf.patch_model(copy.deepcopy(base), lora_rank=16, lora_alpha=32)
-    twin = _torch_twin(base, patched)
-    twin.requires_grad_(False)
-    for name, p in twin.named_parameters():
-        if name.rsplit(".", 1)[-1] in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"):
-            p.requires_grad_(True)
-    return {"kt": patched, "torch_grouped_mm": twin}
+    return {"kt": patched, "torch_grouped_mm": hf.torch_lora_twin(base, patched, impl="grouped_mm")}
 
 
 @pytest.mark.parametrize("impl", ["kt", "torch_grouped_mm"])

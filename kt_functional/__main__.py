@@ -19,7 +19,6 @@ import torch
 
 import kt_functional as ktf
 from kt_functional import hf
-from kt_functional.reference import LORA_KEYS, TorchLoRAExperts
 
 CORPUS = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")
 
@@ -29,18 +28,6 @@ def _batches(data: torch.Tensor, batch: int, seq: int, seed: int):
     while True:
         starts = torch.randint(0, len(data) - seq, (batch,), generator=gen)
         yield torch.stack([data[s:s + seq] for s in starts.tolist()])
-
-
-def _torch_twin(base, patched):
-    """The unpatched model with patched's LoRA in plain torch (transformers' grouped_mm experts + LoRA)."""
-    twin = copy.deepcopy(base)
-    for path, kt in hf.kt_layers(patched):
-        experts = twin.get_submodule(path)
-        lora = {name: getattr(kt, name) for name in LORA_KEYS}
-        parent, _, child = path.rpartition(".")
-        setattr(twin.get_submodule(parent), child, TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora,
-                                                                    kt.lora_alpha, impl="grouped_mm"))
-    return twin
 
 
 def _step(model, opt, ids) -> float:
@@ -136,12 +123,7 @@ def main(argv=None) -> int:
           f"a uniform guess over 256 bytes is {torch.log(torch.tensor(256.0)):.3f}")
 
     # The peer: the unpatched model carrying the same LoRA in plain torch, same batches, same optimizer.
-    twin = _torch_twin(base, model)
-    twin.requires_grad_(False)
-    for name in LORA_KEYS:
-        for module in twin.modules():
-            if isinstance(module, TorchLoRAExperts):
-                getattr(module, name).requires_grad_(True)
+    twin = hf.torch_lora_twin(base, model, impl="grouped_mm")
     twin_opt = _optimizer(twin, args.lr)
     peer_batches = _batches(data, args.batch, args.seq, seed=2)
     peer_times = []

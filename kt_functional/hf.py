@@ -8,6 +8,7 @@ expert parameters through `target_parameters`), so the adapter loads in PEFT.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -120,6 +121,25 @@ def kt_layers(model: nn.Module) -> list[tuple[str, KTExperts]]:
         if isinstance(module, KTExperts):
             out.append((name.removesuffix(".kt_experts"), module))
     return out
+
+
+def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") -> nn.Module:
+    """A copy of the unpatched base whose experts carry patched's LoRA in plain torch (TorchLoRAExperts).
+
+    The peer and reference of a patched model: same frozen weights, same LoRA values (copied),
+    only the LoRA trainable. impl: "eager" (per-expert loop) or "grouped_mm" (transformers' layout).
+    """
+    from .reference import TorchLoRAExperts
+
+    twin = copy.deepcopy(base)
+    twin.requires_grad_(False)
+    for path, kt in kt_layers(patched):
+        experts = twin.get_submodule(path)
+        lora = {name: getattr(kt, name) for name in _LORA_NAMES}
+        parent, _, child = path.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child,
+                TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha, impl=impl))
+    return twin
 
 
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
@@ -360,8 +380,8 @@ def _split_gate_up(a: torch.Tensor, b: torch.Tensor, I: int):
 
 def _trim_rank(a: torch.Tensor, b: torch.Tensor):
     """Drops trailing rank components that are zero in both A and B (they add nothing)."""
-    used = a.any(dim=2).any(dim=0) | b.any(dim=1).any(dim=0)
-    rank = max(1, int(used.nonzero().max()) + 1 if used.any() else 1)
+    used = (a.any(dim=2).any(dim=0) | b.any(dim=1).any(dim=0)).nonzero()
+    rank = int(used.max()) + 1 if len(used) else 1
     return a[:, :rank], b[:, :, :rank]
 
 
@@ -432,5 +452,5 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     return model
 
 
-__all__ = ["patch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "SUPPORTED_ARCHITECTURES",
+__all__ = ["patch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin", "SUPPORTED_ARCHITECTURES",
            "EXPERTS_IMPLEMENTATION"]

@@ -1,12 +1,10 @@
 """Tiny transformers MoE models built from configs with random weights, and a plain-torch LoRA twin."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from kt_functional import hf
-from kt_functional.reference import LORA_KEYS, TorchLoRAExperts
+from kt_functional.reference import LORA_KEYS
 
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 _LINEAR_ATTN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
@@ -68,18 +66,8 @@ def randomize_lora_b(model, std: float = 0.05, seed: int = 1) -> None:
 
 
 def torch_twin(base, patched):
-    """A copy of the unpatched base whose experts are TorchLoRAExperts carrying patched's LoRA (plain fp32 torch)."""
-    twin = copy.deepcopy(base)
-    kts = dict(hf.kt_layers(patched))
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    for path, kt in kts.items():
-        experts = twin.get_submodule(path)
-        lora = {name: getattr(kt, name) for name in LORA_KEYS}
-        parent, _, child = path.rpartition(".")
-        setattr(twin.get_submodule(parent), child,
-                TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha))
-    return twin
+    """The unpatched base carrying patched's LoRA in plain fp32 torch (per-expert loop)."""
+    return hf.torch_lora_twin(base, patched, impl="eager")
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
