@@ -217,9 +217,29 @@ def _checkpoint_files(checkpoint_dir) -> dict[str, list[str]]:
     return files
 
 
-def _check_source_dtype(t: torch.Tensor, key: str) -> None:
-    if t.dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        raise TypeError(f"checkpoint: {key} has dtype {t.dtype}; kt-functional packs bf16/fp16/fp32 expert weights")
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Reads tensors with plain file reads straight into fresh tensors (no mmap: file pages would count
+    in RSS while mapped, and safetensors' mmap reader copies again)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        for key in keys:
+            meta = header[key]
+            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise TypeError(f"checkpoint: {key} has dtype {meta['dtype']}; kt-functional packs "
+                                f"{'/'.join(_SAFETENSORS_DTYPES)} expert weights")
+            start, end = meta["data_offsets"]
+            t = torch.empty(meta["shape"], dtype=dtype)
+            if end - start != t.nbytes:
+                raise ValueError(f"checkpoint: {key} in {path} holds {end - start} bytes, its shape needs {t.nbytes}")
+            f.seek(8 + size + start)
+            if f.readinto(memoryview(t.view(torch.uint8).reshape(-1).numpy())) != t.nbytes:
+                raise ValueError(f"checkpoint: {path} ends inside {key}")
+            yield key, t
 
 
 def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
@@ -230,8 +250,6 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
     packs it, and drops the torch copy before the next layer: peak memory is the packed size
     plus one layer.
     """
-    from safetensors import safe_open
-
     layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
     for file, keys in _checkpoint_files(checkpoint_dir).items():
         for key in keys:
@@ -248,11 +266,7 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
         for file, key in located:
             by_file[file].append(key)
         for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:  # opened per layer: the mapping is released after it
-                for key in keys:
-                    t = f.get_tensor(key)
-                    _check_source_dtype(t, key)
-                    yield key, t
+            yield from _read_safetensors(file, keys)
 
     for layer in sorted(layers):
         fused, per_expert = layers[layer]["fused"], layers[layer]["experts"]

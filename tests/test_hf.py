@@ -218,11 +218,14 @@ def test_load_experts_peak_rss(tmp_path):
         ExpertWeights.from_fused(torch.zeros(2, 8, 32), torch.zeros(2, 32, 4))  # pools, allocator, code pages
         base = status("VmRSS")
         layers = list(hf.load_experts({str(tmp_path)!r}))
-        print(json.dumps(dict(base=base, peak=status("VmHWM"), packed=sum(w.nbytes for _, w in layers),
-                              n=len(layers))))
+        print(json.dumps(dict(base=base, end=status("VmRSS"), peak=status("VmHWM"),
+                              packed=sum(w.nbytes for _, w in layers), n=len(layers))))
     """)
     assert r["n"] == 8
-    assert r["peak"] - r["base"] <= r["packed"] + layer_bytes + 32 * 2**20, (r, layer_bytes, all_bytes)
+    kept = r["end"] - r["base"]  # the packed layers as resident memory (buffers are rounded to huge pages)
+    assert kept <= 1.15 * r["packed"], (r, kept)
+    # Beyond what it keeps, loading needed one layer at a time (all layers at once would be 8 x that).
+    assert r["peak"] - r["base"] <= kept + layer_bytes + 16 * 2**20, (r, layer_bytes, all_bytes)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
