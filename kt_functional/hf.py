@@ -287,7 +287,19 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
                 stacked[proj][e].copy_(t)
                 del t
             weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads)
+        t = stacked = None  # the torch copy of the layer
+        _release_freed_memory()
         yield layer, weights
+
+
+def _release_freed_memory() -> None:
+    """Returns the freed torch copy of a layer to the OS: glibc keeps freed blocks below its (adaptive)
+    mmap threshold in the heap, which would make the transient layer look resident."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 # ---- PEFT adapter format ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from . import _core
 from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_dtype
 
 MAX_LORA_RANK = 128
+BACKWARD_WEIGHTS = ("on_the_fly", "resident")
 
 
 def _expert_tensor(value, name: str, dims: int = 3) -> torch.Tensor:
@@ -46,15 +47,35 @@ class ExpertWeights:
     num_experts: int
     hidden_size: int
     intermediate_size: int
+    backward_weights: str = "on_the_fly"
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed weights (forward and backward layouts)."""
+        """Bytes held by the packed weights."""
         return self.packed.nbytes
 
+    @property
+    def storage(self) -> str:
+        """How the base weights are stored ("bf16")."""
+        return "bf16"
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        gate, up, down = torch.empty(E, I, H), torch.empty(E, I, H), torch.empty(E, H, I)
+        self.packed.dequantize(gate.data_ptr(), up.data_ptr(), down.data_ptr())
+        return gate, up, down
+
     @classmethod
-    def from_tensors(cls, gate, up, down, *, threads: int | None = None) -> "ExpertWeights":
-        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy."""
+    def from_tensors(cls, gate, up, down, *, threads: int | None = None,
+                     backward_weights: str = "on_the_fly") -> "ExpertWeights":
+        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy.
+
+        One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
+        backward_weights="resident" also keeps the transposed layout (twice the memory).
+        """
+        if backward_weights not in BACKWARD_WEIGHTS:
+            raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
         gate = _expert_tensor(gate, "gate")
         up = _expert_tensor(up, "up")
         down = _expert_tensor(down, "down")
@@ -66,17 +87,20 @@ class ExpertWeights:
         if min(E, I, H) < 1:
             raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
         pool = _core.Pool(threads or _default_threads())
-        packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool)
-        return cls(packed, E, H, I)
+        packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
+                                     backward_weights == "resident")
+        return cls(packed, E, H, I, backward_weights)
 
     @classmethod
-    def from_fused(cls, gate_up, down, *, threads: int | None = None) -> "ExpertWeights":
+    def from_fused(cls, gate_up, down, *, threads: int | None = None,
+                   backward_weights: str = "on_the_fly") -> "ExpertWeights":
         """transformers v5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
         gate_up = _expert_tensor(gate_up, "gate_up")
         if gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected shape [E, 2I, H] with an even middle size, got {list(gate_up.shape)}")
         I = gate_up.shape[1] // 2
-        return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads)
+        return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads,
+                                backward_weights=backward_weights)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")

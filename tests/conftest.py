@@ -29,7 +29,7 @@ def pytest_generate_tests(metafunc):
         # ISA paths this CPU/build lacks (none on a machine with AMX: then pytest reports the
         # test as skipped for an empty parameter set).
         avail = set(helpers.ktf().available_isas())
-        metafunc.parametrize("missing_isa", [i for i in ("amx", "avx512", "avx2") if i not in avail])
+        metafunc.parametrize("missing_isa", [i for i in ("amx", "avx512", "avx2", "amx_emulated") if i not in avail])
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, check_state, ktf, make_problem, make_state
 
 BOOL_KEYS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512_bf16", "avx512_vnni", "avx2", "fma", "amx_granted")
-ALL_ISAS = ("amx", "avx512", "avx2")
+ALL_ISAS = ("amx", "avx512", "avx2", "amx_emulated")
 
 
 def _cpuinfo_flags():
@@ -55,13 +55,14 @@ def test_available_isas_consistent():
     assert isas and set(isas) <= set(ALL_ISAS) and len(set(isas)) == len(isas)
     assert isas == sorted(isas, key=ALL_ISAS.index), "available_isas() must be best first"
     assert "avx2" in isas
+    assert isas[-1] == "amx_emulated", "the emulated AMX path runs everywhere and is listed last"
     if "amx" in isas:
         assert info["amx_bf16"] and info["amx_tile"] and info["amx_granted"]
     if "avx512" in isas:
         assert info["avx512f"]
     # the default path is the best available unless KT_ISA says otherwise
     if "KT_ISA" not in os.environ:
-        assert info["isa"] == isas[0]
+        assert info["isa"] == isas[0] and info["isa"] != "amx_emulated"
 
 
 def test_each_isa_state_reports_and_works(isa):

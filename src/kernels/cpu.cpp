@@ -15,6 +15,8 @@
 namespace kt {
 namespace {
 
+constexpr Isa kAllIsas[] = {Isa::amx, Isa::avx512, Isa::avx2, Isa::amx_emulated};  // best first
+
 uint64_t read_xcr0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -68,6 +70,8 @@ bool cpu_can_run(Isa isa) {
       return f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512_bf16;
     case Isa::amx:
       return f.amx_tile && f.amx_bf16 && f.amx_granted && cpu_can_run(Isa::avx512);
+    case Isa::amx_emulated:
+      return true;  // plain x86-64 code
   }
   return false;
 }
@@ -87,21 +91,23 @@ const char* isa_name(Isa isa) {
       return "avx512";
     case Isa::amx:
       return "amx";
+    case Isa::amx_emulated:
+      return "amx_emulated";
   }
   return "?";
 }
 
 Isa parse_isa(const std::string& name) {
-  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2})
+  for (Isa isa : kAllIsas)
     if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("unknown ISA '" + name + "': expected one of amx, avx512, avx2");
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of amx, avx512, avx2, amx_emulated");
 }
 
 bool isa_runnable(Isa isa) { return cpu_can_run(isa) && kernels_built(isa); }
 
 std::vector<Isa> runnable_isas() {
   std::vector<Isa> out;
-  for (Isa isa : {Isa::amx, Isa::avx512, Isa::avx2})
+  for (Isa isa : kAllIsas)
     if (isa_runnable(isa)) out.push_back(isa);
   return out;
 }
@@ -125,10 +131,9 @@ Isa default_isa() {
                                }());
     return isa;
   }
-  std::vector<Isa> all = runnable_isas();
-  if (all.empty())
-    throw std::runtime_error("kt-functional needs at least AVX2 and FMA; this CPU has neither path");
-  return all.front();
+  for (Isa isa : runnable_isas())
+    if (isa != Isa::amx_emulated) return isa;
+  throw std::runtime_error("kt-functional needs at least AVX2 and FMA; this CPU has neither path");
 }
 
 }  // namespace kt

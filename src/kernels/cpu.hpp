@@ -5,7 +5,9 @@
 
 namespace kt {
 
-enum class Isa : int { avx2 = 0, avx512 = 1, amx = 2 };
+// amx_emulated: the AMX micro-kernel run against a C++ model of the tile unit (amx_tile.hpp);
+// runnable on any x86-64 CPU, never chosen by default.
+enum class Isa : int { avx2 = 0, avx512 = 1, amx = 2, amx_emulated = 3 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false;
@@ -18,13 +20,13 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();
 
 const char* isa_name(Isa isa);
-// Parses "amx" / "avx512" / "avx2"; throws std::invalid_argument otherwise.
+// Parses "amx" / "avx512" / "avx2" / "amx_emulated"; throws std::invalid_argument otherwise.
 Isa parse_isa(const std::string& name);
 // Whether this CPU (and OS) can run the path, and this build has kernels for it.
 bool isa_runnable(Isa isa);
-// Runnable paths, best first.
+// Runnable paths, best first (amx_emulated last).
 std::vector<Isa> runnable_isas();
-// Best runnable path, or the one KT_ISA names; throws std::runtime_error with a clear message.
+// Best runnable hardware path, or the one KT_ISA names; throws std::runtime_error with a clear message.
 Isa default_isa();
 
 }  // namespace kt

@@ -15,6 +15,9 @@ extern const KernelSet kAvx512Kernels;
 #if KT_BUILD_AMX
 extern const KernelSet kAmxKernels;
 #endif
+#if KT_BUILD_AMX_EMULATED
+extern const KernelSet kAmxEmulatedKernels;
+#endif
 
 namespace {
 const KernelSet* table(Isa isa) {
@@ -30,6 +33,10 @@ const KernelSet* table(Isa isa) {
 #if KT_BUILD_AMX
     case Isa::amx:
       return &kAmxKernels;
+#endif
+#if KT_BUILD_AMX_EMULATED
+    case Isa::amx_emulated:
+      return &kAmxEmulatedKernels;
 #endif
     default:
       return nullptr;

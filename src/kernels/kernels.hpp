@@ -17,16 +17,30 @@ constexpr int kKAlign = 32;
 constexpr int kMaxRank = 128;
 constexpr int64_t kRankUpdateMaxCols = 256;
 
-// Micro-kernel: C[mr x 16*np] (= or +=) A[mr x K] * B, where A is bf16 row-major (lda elements,
-// K = 2*kpairs, a multiple of 32) and B is np panels, panel p at B + p*panel_stride.
-// Tile math only: never sees an edge (rows are padded to mr, K and N by the packer).
-using GemmFn = void (*)(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t kpairs,
-                        int np, float* C, int64_t ldc, bool accumulate);
+// Micro-kernel: C[rows x 16*np] (= or +=) A[rows x K] * B, where A is bf16 row-major (lda elements,
+// K = 2*kpairs, a multiple of 32), rows a multiple of the set's mr, and B is np panels, panel p at
+// B + p*panel_stride. Tile math only: never sees an edge (rows are padded to mr, K and N by the packer).
+using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride,
+                        int64_t kpairs, int np, float* C, int64_t ldc, bool accumulate);
+
+// Operand maker of the backward GEMMs: the transpose of a packed operand S (src_panels panels of
+// 16 columns, consecutive panels src_panel_distance elements apart) restricted to its rows
+// [k0, k0 + kcount), written as packed panels D = S^T: kcount/16 panels (panel j at
+// dst + j * dst_panel_stride), rows [dst_row0, dst_row0 + dst_rows) of each, where D's row
+// dst_row0 + n is S's column n (zero for n >= 16 * src_panels). k0, kcount: multiples of 16;
+// dst_row0, dst_rows: even.
+using TransposePanelsFn = void (*)(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
+                                   int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0,
+                                   int64_t dst_rows);
+// The portable one (pack.cpp, built without ISA flags).
+void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
+                              int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0, int64_t dst_rows);
 
 struct KernelSet {
   Isa isa;
   int mr;  // rows of A per micro-kernel call
   GemmFn gemm;
+  TransposePanelsFn transpose_panels;
   // h = silu(gate) * up as bf16; the pre-activations rounded to bf16 go to g/u when not null.
   void (*swiglu_forward)(const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h);
   // From dh_raw (unweighted) and the cached g/u: dg, du (bf16, routing weight w applied) and

@@ -39,13 +39,15 @@ void gemm_panel(const bf16* A, int64_t lda, const bf16* B, int64_t kpairs, float
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(C + m * ldc + 8 * h, c[m][h]);
 }
 
-void gemm(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t kpairs, int np, float* C,
-          int64_t ldc, bool accumulate) {
-  for (int p = 0; p < np; ++p) gemm_panel(A, lda, B + p * panel_stride, kpairs, C + p * kPanelCols, ldc, accumulate);
+void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t kpairs, int np,
+          float* C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < rows; m += kMr)
+    for (int p = 0; p < np; ++p)
+      gemm_panel(A + m * lda, lda, B + p * panel_stride, kpairs, C + m * ldc + p * kPanelCols, ldc, accumulate);
 }
 
 }  // namespace
 
-extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, gemm);
+extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, gemm, transpose_panels_generic);
 
 }  // namespace kt

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "elementwise.hpp"
+#include "transpose_avx512.hpp"
 
 namespace kt {
 namespace {
@@ -31,8 +32,8 @@ void gemm_panels(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride
     for (int p = 0; p < NP; ++p) _mm512_storeu_ps(C + m * ldc + p * kPanelCols, c[m][p]);
 }
 
-void gemm(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t kpairs, int np, float* C,
-          int64_t ldc, bool accumulate) {
+void gemm_mr(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t kpairs, int np, float* C,
+             int64_t ldc, bool accumulate) {
   int p = 0;
   for (; p + kMaxPanels <= np; p += kMaxPanels)
     gemm_panels<kMaxPanels>(A, lda, B + p * panel_stride, panel_stride, kpairs, C + p * kPanelCols, ldc, accumulate);
@@ -50,8 +51,14 @@ void gemm(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64
   }
 }
 
+void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t kpairs, int np,
+          float* C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < rows; m += kMr)
+    gemm_mr(A + m * lda, lda, B, panel_stride, kpairs, np, C + m * ldc, ldc, accumulate);
+}
+
 }  // namespace
 
-extern const KernelSet kAvx512Kernels = make_kernel_set(Isa::avx512, kMr, gemm);
+extern const KernelSet kAvx512Kernels = make_kernel_set(Isa::avx512, kMr, gemm, transpose_panels_avx512);
 
 }  // namespace kt

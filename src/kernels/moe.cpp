@@ -72,22 +72,33 @@ struct RowBlock {
   int64_t prow, route0, rows, real;
 };
 
-std::vector<RowBlock> row_blocks(const RoutingPlan& plan, const std::vector<int64_t>& poff) {
-  std::vector<RowBlock> out;
-  for (int32_t e : plan.active) {
-    int64_t n = plan.count(e), padded = poff[e + 1] - poff[e];
-    for (int64_t r = 0; r < padded; r += kRowBlock)
-      out.push_back({e, poff[e] + r, plan.offset[e] + r, std::min(kRowBlock, padded - r),
-                     std::clamp<int64_t>(n - r, 0, kRowBlock)});
+// Row blocks of the active experts; those of plan.active[slot] are [first[slot], first[slot + 1]).
+struct ExpertBlocks {
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> first;
+  ExpertBlocks(const RoutingPlan& plan, const std::vector<int64_t>& poff) {
+    for (int32_t e : plan.active) {
+      first.push_back(int64_t(blocks.size()));
+      int64_t n = plan.count(e), padded = poff[e + 1] - poff[e];
+      for (int64_t r = 0; r < padded; r += kRowBlock)
+        blocks.push_back({e, poff[e] + r, plan.offset[e] + r, std::min(kRowBlock, padded - r),
+                          std::clamp<int64_t>(n - r, 0, kRowBlock)});
+    }
+    first.push_back(int64_t(blocks.size()));
   }
-  return out;
-}
+  int64_t size() const { return int64_t(blocks.size()); }
+  int64_t experts() const { return int64_t(first.size()) - 1; }
+  const RowBlock& operator[](int64_t i) const { return blocks[i]; }
+  template <class F>
+  void for_expert(int64_t slot, F&& f) const {
+    for (int64_t i = first[slot]; i < first[slot + 1]; ++i) f(blocks[i]);
+  }
+};
 
-// Calls the micro-kernel over the rows of a block: C[rows][16*np] (+)= A[rows][K] * B.
+// C[rows][16*np] = A[rows][K] * B (np panels of layout l).
 void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
-               int np, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t m = 0; m < rows; m += ks.mr)
-    ks.gemm(A + m * lda, lda, B, l.panel_stride(), l.Kp / 2, np, C + m * ldc, ldc, accumulate);
+               int np, float* C, int64_t ldc) {
+  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false);
 }
 
 // Per-token reduction of per-route rows: out[t] = sum_j weight * rows[route(t, j)], converted.
@@ -136,7 +147,7 @@ size_t ForwardCache::nbytes() const {
 
 std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weights, const KernelSet& ks, int threads,
                                       const ForwardArgs& a, std::shared_ptr<ForwardCache>* cache_out) {
-  const int64_t H = weights->H, I = weights->I, Hp = weights->gate_up_fwd.Kp, Ip = weights->Ip, T = a.T;
+  const int64_t H = weights->H, I = weights->I, Hp = weights->layout(Gemm::gate_up).Kp, Ip = weights->Ip, T = a.T;
   const int64_t r = a.lora.rank;
   const bool lora = r > 0;
   const float s = a.lora.scale;
@@ -150,16 +161,15 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   struct Workspace {
     Buffer<bf16> xa, ha;  // A operands: gathered x, h (rows padded per expert)
     Buffer<float> o, scratch;
-    std::vector<RowBlock> blocks;
+    ExpertBlocks blocks;
     std::vector<int64_t> expert_slot;  // expert -> index in plan.active
     std::unique_ptr<LoraMatrices> lora;
     int64_t scratch_per_thread;
   };
-  auto ws = std::make_shared<Workspace>();
+  auto ws = std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, {}, 0});
   ws->xa = Buffer<bf16>(size_t(M * Hp));
   ws->ha = Buffer<bf16>(size_t(M * Ip));
   ws->o = Buffer<float>(size_t(cache->plan.routes * H));
-  ws->blocks = row_blocks(cache->plan, poff);
   ws->expert_slot.assign(weights->E, -1);
   const int64_t n_active = int64_t(cache->plan.active.size());
   for (int64_t i = 0; i < n_active; ++i) ws->expert_slot[cache->plan.active[i]] = i;
@@ -168,11 +178,11 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
   if (cache_out) *cache_out = cache;
 
-  const int64_t n_blocks = int64_t(ws->blocks.size());
+  const int64_t n_blocks = ws->blocks.size();
   const int64_t n_lora = lora ? n_active : 0;
   const int64_t i_panels = ceil_div(I, kPanelCols);
   const int64_t i_chunks = ceil_div(i_panels, 2);  // 2 gate + 2 up panels per task
-  const int64_t h_chunks = ceil_div(weights->down_fwd.panels, kPanelsPerBlock);
+  const int64_t h_chunks = ceil_div(weights->layout(Gemm::down).panels, kPanelsPerBlock);
   const int64_t x_chunks = a.save_for_backward ? ceil_div(T, kTokenBlock) : 0;
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
 
@@ -215,35 +225,37 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       });
 
     // 3. Gate and up (+ s Bg a_g, s Bu a_u), then h = silu(g) * u straight from the accumulators.
-    wk.for_each(n_blocks * i_chunks, [&](int64_t task) {
-      const RowBlock& b = w.blocks[task / i_chunks];
+    //    One task per (expert, column chunk), over all of the expert's rows: B is read once.
+    wk.for_each(n_active * i_chunks, [&](int64_t task) {
+      const int64_t slot = task / i_chunks;
       const int64_t j0 = 2 * (task % i_chunks), pairs = std::min<int64_t>(2, i_panels - j0);
-      const PanelLayout& L = W.gate_up_fwd;
-      gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, W.gate_up_forward(b.e) + 2 * j0 * L.panel_stride(), L,
-                int(2 * pairs), scratch, kColBlock, false);
-      const int64_t slot = w.expert_slot[b.e];
-      for (int64_t jj = 0; jj < pairs; ++jj) {
-        const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
-        float* cg = scratch + 2 * jj * kPanelCols;
-        float* cu = cg + kPanelCols;
-        if (lora) {
-          ks.lora_expand(cg, kColBlock, b.real, n, c.ag.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::BgT) + col, I);
-          ks.lora_expand(cu, kColBlock, b.real, n, c.au.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::BuT) + col, I);
+      const PanelLayout& L = W.layout(Gemm::gate_up);
+      const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, nullptr);
+      w.blocks.for_expert(slot, [&](const RowBlock& b) {
+        gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, B, L, int(2 * pairs), scratch, kColBlock);
+        for (int64_t jj = 0; jj < pairs; ++jj) {
+          const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
+          float* cg = scratch + 2 * jj * kPanelCols;
+          float* cu = cg + kPanelCols;
+          if (lora) {
+            ks.lora_expand(cg, kColBlock, b.real, n, c.ag.data() + b.route0 * r, r, int(r), s,
+                           w.lora->get(slot, LoraMatrices::BgT) + col, I);
+            ks.lora_expand(cu, kColBlock, b.real, n, c.au.data() + b.route0 * r, r, int(r), s,
+                           w.lora->get(slot, LoraMatrices::BuT) + col, I);
+          }
+          for (int64_t i = 0; i < b.rows; ++i) {
+            const bool keep = a.save_for_backward && i < b.real;
+            const int64_t route = b.route0 + i;
+            ks.swiglu_forward(cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
+                              keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
+          }
         }
-        for (int64_t i = 0; i < b.rows; ++i) {
-          const bool keep = a.save_for_backward && i < b.real;
-          const int64_t route = b.route0 + i;
-          ks.swiglu_forward(cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
-                            keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
-        }
-      }
-      if (j0 + pairs == i_panels)  // K padding of h
-        for (int64_t i = 0; i < b.rows; ++i) {
-          bf16* h = w.ha.data() + (b.prow + i) * Ip;
-          std::fill(h + I, h + Ip, bf16(0));
-        }
+        if (j0 + pairs == i_panels)  // K padding of h
+          for (int64_t i = 0; i < b.rows; ++i) {
+            bf16* h = w.ha.data() + (b.prow + i) * Ip;
+            std::fill(h + I, h + Ip, bf16(0));
+          }
+      });
     });
 
     // 4. LoRA A of down: a_d = Ad h.
@@ -254,20 +266,22 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                         int(r), c.ad.data() + b.route0 * r, r);
       });
 
-    // 5. Down (+ s Bd a_d): one unweighted output row per route.
-    wk.for_each(n_blocks * h_chunks, [&](int64_t task) {
-      const RowBlock& b = w.blocks[task / h_chunks];
+    // 5. Down (+ s Bd a_d): one unweighted output row per route; tasks as in 3.
+    wk.for_each(n_active * h_chunks, [&](int64_t task) {
+      const int64_t slot = task / h_chunks;
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
-      const PanelLayout& L = W.down_fwd;
+      const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      gemm_rows(ks, w.ha.data() + b.prow * Ip, Ip, b.rows, W.down_forward(b.e) + p0 * L.panel_stride(), L, np,
-                scratch, kColBlock, false);
+      const bf16* B = W.operand(Gemm::down, plan.active[slot], p0, np, ks, nullptr);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
-      if (lora)
-        ks.lora_expand(scratch, kColBlock, b.real, n, c.ad.data() + b.route0 * r, r, int(r), s,
-                       w.lora->get(w.expert_slot[b.e], LoraMatrices::BdT) + col, H);
-      for (int64_t i = 0; i < b.real; ++i)
-        std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
+      w.blocks.for_expert(slot, [&](const RowBlock& b) {
+        gemm_rows(ks, w.ha.data() + b.prow * Ip, Ip, b.rows, B, L, np, scratch, kColBlock);
+        if (lora)
+          ks.lora_expand(scratch, kColBlock, b.real, n, c.ad.data() + b.route0 * r, r, int(r), s,
+                         w.lora->get(slot, LoraMatrices::BdT) + col, H);
+        for (int64_t i = 0; i < b.real; ++i)
+          std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
+      });
     });
 
     // 6. y[t] = sum_j w[t, j] o[t, j], in slot order (deterministic).
@@ -279,7 +293,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
 
 std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weights, const KernelSet& ks, int threads,
                                        std::shared_ptr<const ForwardCache> cache, const BackwardArgs& a) {
-  const int64_t H = weights->H, I = weights->I, Hp = weights->gate_up_fwd.Kp, Ip = weights->Ip, T = cache->plan.T;
+  const int64_t H = weights->H, I = weights->I, Hp = weights->layout(Gemm::gate_up).Kp, Ip = weights->Ip,
+                T = cache->plan.T;
   const int64_t r = a.lora.rank;
   const bool lora = r > 0;
   const float s = a.lora.scale;
@@ -297,18 +312,19 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   struct Workspace {
     Buffer<bf16> gy, dgu, hb;  // A operands: gathered gy, [dg | du]; h for dAd
     Buffer<float> dwpart, dxr, bd, cg, cu, scratch;
-    std::vector<RowBlock> blocks;
+    Buffer<bf16> operand;  // per worker: the B operand of one (expert, column chunk)
+    ExpertBlocks blocks;
     std::vector<int64_t> expert_slot;
     std::unique_ptr<LoraMatrices> lora;
-    int64_t scratch_per_thread;
+    int64_t scratch_per_thread, operand_per_thread;
   };
   const int64_t routes = cache->plan.routes;
-  auto ws = std::make_shared<Workspace>();
+  auto ws = std::make_shared<Workspace>(
+      Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, {}, 0, 0});
   ws->gy = Buffer<bf16>(size_t(M * Hp));
   ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip));
   ws->dwpart = Buffer<float>(size_t(routes * i_chunks));
   ws->dxr = Buffer<float>(size_t(routes * H));
-  ws->blocks = row_blocks(cache->plan, poff);
   ws->expert_slot.assign(weights->E, -1);
   const int64_t n_active = int64_t(cache->plan.active.size());
   for (int64_t i = 0; i < n_active; ++i) ws->expert_slot[cache->plan.active[i]] = i;
@@ -321,10 +337,14 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, r * kGradCols, H});
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
+  ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::down_t, 2),
+                                    weights->operand_buffer_elements(Gemm::gate_up_t, kPanelsPerBlock));
+  if (weights->backward == BackwardWeights::on_the_fly)
+    ws->operand = Buffer<bf16>(size_t(ws->operand_per_thread * threads));
 
-  const int64_t n_blocks = int64_t(ws->blocks.size());
+  const int64_t n_blocks = ws->blocks.size();
   const int64_t n_lora = lora ? n_active : 0;
-  const int64_t h_chunks = ceil_div(weights->gate_up_bwd.panels, kPanelsPerBlock);
+  const int64_t h_chunks = ceil_div(weights->layout(Gemm::gate_up_t).panels, kPanelsPerBlock);
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
   // LoRA-gradient tasks: (active expert, gradient, column chunk); three gradients span H
   // columns (dAg, dAu, dBd), three span I (dBg, dBu, dAd).
@@ -337,6 +357,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     const RoutingPlan& plan = c.plan;
     Workspace& w = *ws;
     float* scratch = w.scratch.data() + wk.tid() * w.scratch_per_thread;
+    bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
     const int64_t ldd = 2 * Ip;  // dg | du
 
     // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices.
@@ -369,26 +390,28 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
                         H, int(r), w.bd.data() + b.route0 * r, r);
       });
 
-    // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd).
-    wk.for_each(n_blocks * i_chunks, [&](int64_t task) {
-      const RowBlock& b = w.blocks[task / i_chunks];
-      const int64_t chunk = task % i_chunks, p0 = 2 * chunk;
-      const PanelLayout& L = W.down_bwd;
+    // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
+    //    (expert, column chunk): its B operand is made once and used by all of the expert's rows.
+    wk.for_each(n_active * i_chunks, [&](int64_t task) {
+      const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = 2 * chunk;
+      const PanelLayout& L = W.layout(Gemm::down_t);
       const int np = int(std::min<int64_t>(2, i_panels - p0));
-      gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, W.down_backward(b.e) + p0 * L.panel_stride(), L, np,
-                scratch, kColBlock, false);
+      const bf16* B = W.operand(Gemm::down_t, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, I - col);
-      if (lora)
-        ks.lora_expand(scratch, kColBlock, b.real, n, w.bd.data() + b.route0 * r, r, int(r), s,
-                       w.lora->get(w.expert_slot[b.e], LoraMatrices::Ad) + col, I);
-      for (int64_t i = 0; i < b.real; ++i) {
-        const int64_t route = b.route0 + i;
-        bf16* d = w.dgu.data() + (b.prow + i) * ldd;
-        w.dwpart.data()[route * i_chunks + chunk] =
-            ks.swiglu_backward(scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col,
-                               n, plan.route_weight[route], d + col, d + Ip + col,
-                               lora ? w.hb.data() + route * I + col : nullptr);
-      }
+      w.blocks.for_expert(slot, [&](const RowBlock& b) {
+        gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock);
+        if (lora)
+          ks.lora_expand(scratch, kColBlock, b.real, n, w.bd.data() + b.route0 * r, r, int(r), s,
+                         w.lora->get(slot, LoraMatrices::Ad) + col, I);
+        for (int64_t i = 0; i < b.real; ++i) {
+          const int64_t route = b.route0 + i;
+          bf16* d = w.dgu.data() + (b.prow + i) * ldd;
+          w.dwpart.data()[route * i_chunks + chunk] =
+              ks.swiglu_backward(scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col,
+                                 n, plan.route_weight[route], d + col, d + Ip + col,
+                                 lora ? w.hb.data() + route * I + col : nullptr);
+        }
+      });
     });
 
     // 4. c_g = Bg^T dg, c_u = Bu^T du.
@@ -403,27 +426,28 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       });
 
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.
-    wk.for_each(n_blocks * h_chunks + n_active * grad_tasks_per_expert, [&](int64_t task) {
-      if (task < n_blocks * h_chunks) {
-        const RowBlock& b = w.blocks[task / h_chunks];
+    wk.for_each(n_active * h_chunks + n_active * grad_tasks_per_expert, [&](int64_t task) {
+      if (task < n_active * h_chunks) {  // dx rows, per (expert, column chunk) as in 3
+        const int64_t slot = task / h_chunks;
         const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
-        const PanelLayout& L = W.gate_up_bwd;
+        const PanelLayout& L = W.layout(Gemm::gate_up_t);
         const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-        gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, W.gate_up_backward(b.e) + p0 * L.panel_stride(), L,
-                  np, scratch, kColBlock, false);
+        const bf16* B = W.operand(Gemm::gate_up_t, plan.active[slot], p0, np, ks, operand);
         const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
-        if (lora) {
-          const int64_t slot = w.expert_slot[b.e];
-          ks.lora_expand(scratch, kColBlock, b.real, n, w.cg.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::Ag) + col, H);
-          ks.lora_expand(scratch, kColBlock, b.real, n, w.cu.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::Au) + col, H);
-        }
-        for (int64_t i = 0; i < b.real; ++i)
-          std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
+        w.blocks.for_expert(slot, [&](const RowBlock& b) {
+          gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock);
+          if (lora) {
+            ks.lora_expand(scratch, kColBlock, b.real, n, w.cg.data() + b.route0 * r, r, int(r), s,
+                           w.lora->get(slot, LoraMatrices::Ag) + col, H);
+            ks.lora_expand(scratch, kColBlock, b.real, n, w.cu.data() + b.route0 * r, r, int(r), s,
+                           w.lora->get(slot, LoraMatrices::Au) + col, H);
+          }
+          for (int64_t i = 0; i < b.real; ++i)
+            std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
+        });
         return;
       }
-      task -= n_blocks * h_chunks;
+      task -= n_active * h_chunks;
       const int64_t slot = task / grad_tasks_per_expert, e = plan.active[slot];
       const int64_t g = task % grad_tasks_per_expert;
       const int64_t off = plan.offset[e], n_e = plan.count(e), prow_e = poff[e];

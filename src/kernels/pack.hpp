@@ -1,5 +1,7 @@
-// Packing: the once-per-state conversion of expert weights (and the per-call conversion of the
-// active experts' LoRA matrices) into VNNI panels, the B-operand layout of every micro-kernel.
+// Packing: the once-per-state conversion of expert weights into VNNI panels (the B operand of
+// every micro-kernel, and exactly an AMX B tile per 16 pair-rows), and the operand makers that
+// hand the macro-kernels one (expert, column block) of B: a pointer into the packed forward
+// layout, or that layout transposed on the fly for the backward GEMMs. One packed copy only.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -33,12 +35,18 @@ struct MatrixView {
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
                  bf16* dst);
 
-// The frozen base weights of E experts, packed once. The forward layouts contract over the
-// input dimension; the backward layouts (the same weights transposed) over the output one.
-//   gate_up_fwd[e]: K=H, N=2I, panels interleaved (gate 0, up 0, gate 1, up 1, ...)
-//   down_fwd[e]:    K=I, N=H
-//   down_bwd[e]:    K=H, N=I             (dh_raw = gy Wd)
-//   gate_up_bwd[e]: K=2*Ip, N=H, rows [0,I) gate, [Ip, Ip+I) up   (dx = [dg | du] [Wg; Wu])
+// The GEMMs of the layer, each with its B operand (MATH.md):
+//   gate_up:   g|u  = x Wg^T | x Wu^T    K=H,    N=2*I16, gate and up panels interleaved
+//   down:      o    = h Wd^T             K=I,    N=H
+//   down_t:    dh   = gy Wd              K=H,    N=I      (down's layout transposed)
+//   gate_up_t: dx   = [dg|du] [Wg; Wu]   K=2*Ip, N=H      (gate_up's layout transposed; up rows from Ip)
+enum class Gemm : int { gate_up = 0, down = 1, down_t = 2, gate_up_t = 3 };
+
+// Where the backward's B operands come from: transposed per (expert, column block) into a
+// per-worker buffer (one packed copy), or kept transposed in memory (twice the memory).
+enum class BackwardWeights : int { on_the_fly = 0, resident = 1 };
+
+// The frozen base weights of E experts, packed once in the forward layouts.
 class PackedExperts {
  public:
   struct Tensor3 {  // an [E][rows][cols] tensor of the caller, strides in elements
@@ -49,18 +57,29 @@ class PackedExperts {
   struct Source {
     Tensor3 gate, up, down;
   };
-  PackedExperts(int64_t E, int64_t H, int64_t I, const Source& src, Pool& pool);
+  PackedExperts(int64_t E, int64_t H, int64_t I, const Source& src, Pool& pool,
+                BackwardWeights backward = BackwardWeights::on_the_fly);
 
   int64_t E, H, I, Ip;
-  PanelLayout gate_up_fwd, down_fwd, down_bwd, gate_up_bwd;
-  const bf16* gate_up_forward(int64_t e) const { return gate_up_fwd_.data() + e * gate_up_fwd.elements(); }
-  const bf16* down_forward(int64_t e) const { return down_fwd_.data() + e * down_fwd.elements(); }
-  const bf16* down_backward(int64_t e) const { return down_bwd_.data() + e * down_bwd.elements(); }
-  const bf16* gate_up_backward(int64_t e) const { return gate_up_bwd_.data() + e * gate_up_bwd.elements(); }
-  size_t nbytes() const { return gate_up_fwd_.bytes() + down_fwd_.bytes() + down_bwd_.bytes() + gate_up_bwd_.bytes(); }
+  BackwardWeights backward;
+  const PanelLayout& layout(Gemm g) const { return layouts_[int(g)]; }
+
+  // Panels [p0, p0 + np) of expert e's B operand for GEMM g. Forward GEMMs (and resident
+  // backward ones) point into the packed weights; otherwise the panels are transposed into
+  // `buffer` (operand_buffer_elements(g, np) elements) with the kernels' transpose_panels.
+  const bf16* operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks, bf16* buffer) const;
+  int64_t operand_buffer_elements(Gemm g, int64_t np) const { return np * layout(g).panel_stride(); }
+
+  // Expert e's weights as the kernels multiply them, fp32: gate, up [I][H], down [H][I].
+  void dequantize(int64_t e, float* gate, float* up, float* down) const;
+  size_t nbytes() const { return gate_up_.bytes() + down_.bytes() + gate_up_t_.bytes() + down_t_.bytes(); }
 
  private:
-  Buffer<bf16> gate_up_fwd_, down_fwd_, down_bwd_, gate_up_bwd_;
+  const bf16* packed(Gemm g, int64_t e) const;
+  void make_operand(Gemm g, int64_t e, int64_t p0, int64_t np, TransposePanelsFn transpose, bf16* dst) const;
+  PanelLayout layouts_[4];
+  Buffer<bf16> gate_up_, down_;       // forward layouts
+  Buffer<bf16> gate_up_t_, down_t_;   // resident backward layouts (BackwardWeights::resident only)
 };
 
 }  // namespace kt

@@ -4,7 +4,7 @@
 No math and no argument checking beyond what C++ does; kt_functional validates inputs and
 passes raw data pointers of tensors it keeps alive for as long as a job runs.
 """
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libcpp.memory cimport make_shared, shared_ptr
 from libcpp.string cimport string
 
@@ -70,21 +70,64 @@ cdef kt.Tensor3 _tensor3(tuple spec):
 
 
 cdef class PackedExperts:
-    """Expert weights packed once into VNNI panels (forward and backward layouts)."""
+    """Expert weights packed once into VNNI panels (the forward layouts; the backward's operands are
+    transposed from them per block, or kept transposed when backward_resident)."""
     cdef shared_ptr[const kt.PackedExperts] ptr
 
-    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool):
+    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool,
+                  bint backward_resident=False):
         cdef kt.ExpertSource src
         src.gate = _tensor3(gate)
         src.up = _tensor3(up)
         src.down = _tensor3(down)
         cdef kt.Pool* p = pool.ptr.get()
+        cdef kt.BackwardWeights bw = kt.BackwardWeights.resident if backward_resident else kt.BackwardWeights.on_the_fly
         with nogil:
-            self.ptr = <shared_ptr[const kt.PackedExperts]>make_shared[kt.PackedExperts](E, H, I, src, p[0])
+            self.ptr = <shared_ptr[const kt.PackedExperts]>make_shared[kt.PackedExperts](E, H, I, src, p[0], bw)
 
     @property
     def nbytes(self):
         return self.ptr.get().nbytes()
+
+    def dequantize(self, uintptr_t gate, uintptr_t up, uintptr_t down):
+        """Writes the weights the kernels multiply by, fp32: gate, up [E][I][H], down [E][H][I] (contiguous)."""
+        cdef const kt.PackedExperts* w = self.ptr.get()
+        cdef int64_t n = w.I * w.H
+        cdef int64_t e
+        with nogil:
+            for e in range(w.E):
+                w.dequantize(e, <float*>gate + e * n, <float*>up + e * n, <float*>down + e * n)
+
+
+def amx_emulator_counters():
+    """What the emulated tile unit executed since the last reset, summed over threads.
+
+    Tile registers by operand, as micro_amx.cpp assigns them: C 0-3, A 4-5, B 6-7.
+    """
+    cdef kt.TileCounters c = kt.emulator_counters()
+    return {
+        "configs": c.configs, "dot_products": c.dot_products, "zeros": c.zeros,
+        "loads_a": c.loads[4] + c.loads[5], "loads_b": c.loads[6] + c.loads[7],
+        "loads_c": c.loads[0] + c.loads[1] + c.loads[2] + c.loads[3],
+        "stores_c": c.stores[0] + c.stores[1] + c.stores[2] + c.stores[3],
+    }
+
+
+def reset_amx_emulator_counters():
+    kt.reset_emulator_counters()
+
+
+def set_amx_emulator_math(bint on):
+    """Off: the emulator checks and counts tile operations but skips their arithmetic (bench proxies)."""
+    kt.set_emulator_math(on)
+
+
+def amx_emulated_tile_dot(uintptr_t c, uintptr_t a, uintptr_t b, tuple shape, bint configure=True):
+    """Test hook: one TDPBF16PS on the emulated tile unit (see amx_emulator.hpp); RuntimeError on a fault."""
+    cdef int s[6]
+    for i in range(6):
+        s[i] = shape[i]
+    kt.emulated_tile_dot(<float*>c, <const uint16_t*>a, <const uint16_t*>b, s, configure)
 
 
 cdef class ForwardCache:

@@ -1,5 +1,5 @@
 # Declarations of the C++ kernel library (src/kernels) used by _core.pyx.
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libcpp cimport bool
 from libcpp.memory cimport shared_ptr
 from libcpp.string cimport string
@@ -17,6 +17,7 @@ cdef extern from "cpu.hpp" namespace "kt":
         avx2
         avx512
         amx
+        amx_emulated
 
     cdef cppclass CpuFeatures:
         bool avx2, fma, avx512f, avx512bw, avx512vl, avx512_bf16, avx512_vnni
@@ -58,10 +59,27 @@ cdef extern from "pack.hpp" namespace "kt":
     cdef cppclass ExpertSource "kt::PackedExperts::Source":
         Tensor3 gate, up, down
 
+    cdef enum class BackwardWeights(int):
+        on_the_fly
+        resident
+
     cdef cppclass PackedExperts:
-        PackedExperts(int64_t, int64_t, int64_t, const ExpertSource&, Pool&) except +
+        PackedExperts(int64_t, int64_t, int64_t, const ExpertSource&, Pool&, BackwardWeights) except +
         int64_t E, H, I
         size_t nbytes()
+        void dequantize(int64_t, float*, float*, float*) nogil
+
+
+cdef extern from "amx_emulator.hpp" namespace "kt::amx":
+    cdef cppclass TileCounters:
+        uint64_t configs, zeros, dot_products
+        uint64_t loads[8]
+        uint64_t stores[8]
+
+    TileCounters emulator_counters()
+    void reset_emulator_counters()
+    void set_emulator_math(bool)
+    void emulated_tile_dot(float*, const uint16_t*, const uint16_t*, const int*, bool) except +
 
 
 cdef extern from "moe.hpp" namespace "kt":

@@ -1,0 +1,79 @@
+// transpose_panels (kernels.hpp) with AVX-512 F/BW: the operand maker of the backward GEMMs.
+// Included only by files built with AVX-512 flags; internal linkage.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels.hpp"
+
+namespace kt {
+namespace {
+
+// In-register transpose of a 16 x 16 matrix of 32-bit words.
+inline void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane l of r[i + j]: column 4l + j of rows i..i+3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0x88);
+    t[j + 4] = _mm512_shuffle_i32x4(r[j], r[j + 4], 0xdd);
+    t[j + 8] = _mm512_shuffle_i32x4(r[j + 8], r[j + 12], 0x88);
+    t[j + 12] = _mm512_shuffle_i32x4(r[j + 8], r[j + 12], 0xdd);
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// One unit: 16 source columns x 32 source rows (16 pair-rows of a panel, 1 KiB) -> 8 pair-rows
+// in each of two destination panels (one when `half`: 16 source rows only).
+// A 32-bit word of a panel row holds a (k, k+1) pair, so after the word transpose register n is
+// source column n over the 32 rows in order; the destination pairs two columns, a 16-bit interleave.
+inline void transpose_unit(const bf16* src, bf16* dst_lo, bf16* dst_hi, bool half) {
+  __m512i r[16];
+  for (int q = 0; q < 16; ++q)
+    r[q] = half && q >= 8 ? _mm512_setzero_si512() : _mm512_load_si512(src + q * 2 * kPanelCols);
+  transpose_16x16_epi32(r);
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int p = 0; p < 8; ++p) {
+    _mm512_store_si512(dst_lo + p * 2 * kPanelCols, _mm512_permutex2var_epi16(r[2 * p], lo, r[2 * p + 1]));
+    if (!half) _mm512_store_si512(dst_hi + p * 2 * kPanelCols, _mm512_permutex2var_epi16(r[2 * p], hi, r[2 * p + 1]));
+  }
+}
+
+void transpose_panels_avx512(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
+                             int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0, int64_t dst_rows) {
+  const int64_t src_cols = src_panels * kPanelCols;
+  for (int64_t j = 0; j * kPanelCols < kcount; j += 2) {  // destination panels j, j+1 = source rows k0 + 16j ..
+    const bool half = (j + 1) * kPanelCols >= kcount;
+    bf16* lo = dst + j * dst_panel_stride;
+    bf16* hi = lo + dst_panel_stride;
+    const int64_t q0 = (k0 + j * kPanelCols) / 2;
+    for (int64_t n = 0; n < src_cols && n < dst_rows; n += kPanelCols) {
+      const int64_t prow = (dst_row0 + n) / 2;
+      transpose_unit(src + (n / kPanelCols) * src_panel_distance + q0 * 2 * kPanelCols, lo + prow * 2 * kPanelCols,
+                     hi + prow * 2 * kPanelCols, half);
+    }
+    for (int64_t p = (dst_row0 + src_cols) / 2; p < (dst_row0 + dst_rows) / 2; ++p) {
+      _mm512_store_si512(lo + p * 2 * kPanelCols, _mm512_setzero_si512());
+      if (!half) _mm512_store_si512(hi + p * 2 * kPanelCols, _mm512_setzero_si512());
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kt
