@@ -148,12 +148,22 @@ class Layer:
     def name(self) -> str:
         return self.shape.name
 
-    def state(self, threads: int | None = None) -> ktf.MoEState:
+    def state(self, threads: int | None = None, *, variant: str = "default") -> ktf.MoEState:
+        """variant: "default"; "resident" (backward_weights="resident": the transposed copy kept);
+        "no_lora" (frozen experts, for LoRA's share of the step); "amx_emulated" (tile counts)."""
         threads = threads or all_threads()
-        if threads not in self.states:
-            self.states[threads] = ktf.MoEState(
-                self.weights, ktf.LoRA(**self.lora, alpha=self.alpha), threads=threads)
-        return self.states[threads]
+        key = (threads, variant)
+        if key not in self.states:
+            weights, lora = self.weights, ktf.LoRA(**self.lora, alpha=self.alpha)
+            if variant == "resident":
+                weights = ktf.ExpertWeights.from_tensors(self.gate, self.up, self.down, threads=threads,
+                                                         backward_weights="resident")
+            if variant == "no_lora":
+                lora = None
+            isa = "amx_emulated" if variant == "amx_emulated" else None
+            self.states = {k: v for k, v in self.states.items() if k[1] != "resident"}  # one extra copy at most
+            self.states[key] = ktf.MoEState(weights, lora, threads=threads, isa=isa)
+        return self.states[key]
 
     def tokens(self, T: int):
         """(x, ids, w, gy) of the first T tokens (each token is routed independently)."""
@@ -207,6 +217,8 @@ class Layers:
         with capman.global_and_fixture_disabled():
             print(f"\nlayer {s.name}: E={s.E} H={s.H} I={s.I} k={s.k} r={s.r}; packed "
                   f"{lay.weights.nbytes / 2**30:.2f} GiB; built in {time.perf_counter() - t0:.1f} s", flush=True)
+        if name == "qwen3":  # one packed copy: the memory target
+            _MACHINE["packed_over_bf16"] = lay.weights.nbytes / (s.E * lay.expert_bytes())
         self.current = lay
         return lay
 
@@ -240,8 +252,13 @@ def T(case) -> int:
 
 
 # ----------------------------------------------------------------------------- parametrization
+#: Cases of the benchmarks that compare kt with itself (resident backward layout, no LoRA).
+SELF_CASES = [("qwen3", T) for T in ((128,) if SMOKE else (1024, 4096))]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "scaling: thread-scaling benchmark, run only at (qwen3, SCALING_T)")
+    config.addinivalue_line("markers", "self_cases: run only at the SELF_CASES")
 
 
 def pytest_generate_tests(metafunc):
@@ -259,8 +276,9 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         cs = getattr(item, "callspec", None)
-        is_other_case = (item.get_closest_marker("scaling") is not None and cs is not None
-                         and cs.params.get("case") != ("qwen3", SCALING_T))
+        case = cs.params.get("case") if cs is not None else None
+        is_other_case = ((item.get_closest_marker("scaling") is not None and case != ("qwen3", SCALING_T))
+                         or (item.get_closest_marker("self_cases") is not None and case not in SELF_CASES))
         (drop if is_other_case else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

@@ -44,8 +44,8 @@ def rounds_for(layer, T: int, impl: str) -> tuple[int, int]:
     return (3, 1) if heavy else (5, 1)
 
 
-def kt_steps(layer, T: int, threads: int | None = None) -> dict[str, Step]:
-    state = layer.state(threads)
+def kt_steps(layer, T: int, threads: int | None = None, variant: str = "default") -> dict[str, Step]:
+    state = layer.state(threads, variant=variant)
     x, ids, w, gy = layer.tokens(T)
 
     def forward():
@@ -155,3 +155,42 @@ def test_thread_scaling(benchmark, machine, layer, T, threads):
     step = kt_steps(layer, T, threads)["fwd+bwd"]
     run_bench(benchmark, machine, layer, T, "fwd+bwd", "kt", step, threads=threads,
               group=f"threads fwd+bwd T={T} {layer.name}")
+
+
+@pytest.mark.self_cases
+def test_backward_resident(benchmark, machine, layer, T):
+    """kt's backward with the transposed weights kept resident (2x memory), against the default
+    one packed copy transposed per block (test_backward's kt)."""
+    step = kt_steps(layer, T, variant="resident")["backward"]
+    run_bench(benchmark, machine, layer, T, "backward", "kt_resident", step)
+
+
+@pytest.mark.self_cases
+def test_fwd_bwd_no_lora(benchmark, machine, layer, T):
+    """kt without LoRA: LoRA's share of the step is 1 - this / kt's fwd+bwd."""
+    step = kt_steps(layer, T, variant="no_lora")["fwd+bwd"]
+    run_bench(benchmark, machine, layer, T, "fwd+bwd", "kt_no_lora", step)
+
+
+def test_amx_tile_proxies(benchmark, machine, layer, T):
+    """The AMX path's tile operations at this case, counted by the emulated tile unit (math off):
+    dot products issued vs the useful minimum (padding waste) and tile loads per dot product. The
+    time of this one round is the emulator's and means nothing."""
+    core = ktf._core
+    step = kt_steps(layer, T, variant="amx_emulated")["fwd+bwd"]
+    s = layer.shape
+    routes = int((layer.ids[:T] >= 0).sum())
+    core.set_amx_emulator_math(False)
+    try:
+        core.reset_amx_emulator_counters()
+        benchmark.pedantic(step.target, rounds=1, warmup_rounds=0, iterations=1)
+        counts = core.amx_emulator_counters()
+    finally:
+        core.set_amx_emulator_math(True)
+    benchmark.group = f"proxy fwd+bwd T={T} {layer.name}"
+    useful = 2 * routes * 3 * s.H * s.I / (16 * 16 * 32)  # multiply-adds / those of one TDPBF16PS
+    benchmark.extra_info.update(
+        kind="proxy", shape=s.name, T=T, impl="amx_emulated", dot_products=counts["dot_products"],
+        useful_dot_products=useful, padding_waste=counts["dot_products"] / useful,
+        tile_loads_per_dot=(counts["loads_a"] + counts["loads_b"] + counts["loads_c"]) / counts["dot_products"],
+        loads_a=counts["loads_a"], loads_b=counts["loads_b"], loads_c=counts["loads_c"], stores_c=counts["stores_c"])
