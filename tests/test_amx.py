@@ -106,36 +106,45 @@ def _ceil(a, b):
     return -(-a // b)
 
 
-def expected_tile_ops(routes_per_expert, H, I, backward):
+def expected_tile_ops(routes_per_expert, H, I, r, backward):
     """The micro-kernel's tiling, written independently of the library: per expert, rows padded to
-    16 and split into 64-row blocks; per GEMM, column chunks (gate_up 2+2 panels, down 4, down_t 2,
-    gate_up_t 4) in 2 x 2 tile blocks (2 row tiles x 2 panels), one K step per 32 of K."""
+    16 and split into 64-row blocks; each GEMM in 2 x 2 tile blocks (2 row tiles x 2 panels), one
+    K step per 32 of K. Base GEMMs run per column chunk (gate_up 2+2 panels, down 4, down_t 2,
+    gate_up_t 4); each adds its LoRA expand on the same chunk (K = the rank slots, C loaded back);
+    the LoRA projects run per row block over all their panels (rank slots: gate [0, r), up [R, R+r))."""
     Hp, Ip, Hpan, Ipan = _ceil(H, 32) * 32, _ceil(I, 32) * 32, _ceil(H, 16), _ceil(I, 16)
-    gemms = [(Hp, 2 * Ipan, 4), (Ip, Hpan, 4)]  # (K, panels, panels per chunk)
+    R = _ceil(r, 16) * 16
+    n = dict(dot_products=0, loads_a=0, loads_b=0, loads_c=0, zeros=0, stores_c=0, useful=0)
+
+    def gemm(rows, panels, K, accumulate):
+        steps = _ceil(K, 32)
+        for m in range(0, rows, 32):
+            mt = 2 if rows - m >= 32 else 1
+            for p in range(0, panels, 2):
+                nt = 2 if panels - p >= 2 else 1
+                n["dot_products"] += mt * nt * steps
+                n["loads_a"] += mt * steps
+                n["loads_b"] += nt * steps
+                n["loads_c" if accumulate else "zeros"] += mt * nt
+                n["stores_c"] += mt * nt
+
+    # (base K, panels, panels per chunk, LoRA expand K, LoRA project (K, N) before it or None)
+    gemms = [(Hp, 2 * Ipan, 4, R + r, (Hp, R + r)), (Ip, Hpan, 4, r, (Ip, r))]
     if backward:
-        gemms += [(Hp, Ipan, 2), (2 * Ip, Hpan, 4)]
-    n = dict(dot_products=0, loads_a=0, loads_b=0, zeros=0, stores_c=0, useful=0)
+        gemms += [(Hp, Ipan, 2, r, (Hp, r)), (2 * Ip, Hpan, 4, R + r, (2 * Ip, R + r))]
     for routes in routes_per_expert:
         if routes == 0:
             continue
         rows = _ceil(routes, 16) * 16
-        for K, panels, chunk in gemms:
-            steps = K // 32
+        for K, panels, chunk, expand_k, (project_k, project_n) in gemms:
             for r0 in range(0, rows, 64):
                 block_rows = min(64, rows - r0)
+                gemm(block_rows, _ceil(project_n, 16), project_k, False)
                 for p0 in range(0, panels, chunk):
-                    np_ = min(chunk, panels - p0)
-                    for m in range(0, block_rows, 32):
-                        mt = 2 if block_rows - m >= 32 else 1
-                        for p in range(0, np_, 2):
-                            nt = 2 if np_ - p >= 2 else 1
-                            n["dot_products"] += mt * nt * steps
-                            n["loads_a"] += mt * steps
-                            n["loads_b"] += nt * steps
-                            n["zeros"] += mt * nt
-                            n["stores_c"] += mt * nt
+                    gemm(block_rows, min(chunk, panels - p0), K, False)
+                    gemm(block_rows, min(chunk, panels - p0), expand_k, True)
         n["useful"] += routes * 3 * H * I * (2 if backward else 1)
-    n["useful"] /= 16 * 16 * 32  # multiply-adds of one TDPBF16PS
+    n["useful"] /= 16 * 16 * 32  # multiply-adds of one TDPBF16PS (base GEMMs only)
     return n
 
 
@@ -152,16 +161,16 @@ def test_tile_operations_pinned():
     K.moe_backward(state, cache, make_gy(prob))
     both = _core().amx_emulator_counters()
     for counts, backward in ((fwd, False), (both, True)):
-        want = expected_tile_ops(routes, prob.H, prob.I, backward)
-        got = {key: counts[key] for key in ("dot_products", "loads_a", "loads_b", "zeros", "stores_c")}
+        want = expected_tile_ops(routes, prob.H, prob.I, prob.r, backward)
+        got = {key: counts[key] for key in ("dot_products", "loads_a", "loads_b", "loads_c", "zeros", "stores_c")}
         assert got == {key: want[key] for key in got}, (backward, got, want)
-        assert counts["loads_c"] == 0  # C starts from TILEZERO, never from memory
-        # 1 load per dot product in 2 x 2 blocks, 1.5 where an expert has a single row tile
+        # A and B: 1 load per dot product in 2 x 2 blocks, 1.5 where an expert has a single row tile
         assert (counts["loads_a"] + counts["loads_b"]) / counts["dot_products"] <= 1.5
-    # The figures themselves (routes per expert 21, 20, 0, 18, 15: rows padded to 32, 32, 32, 16).
+    # The figures themselves (routes per expert 21, 20, 0, 18, 15: rows padded to 32, 32, 32, 16;
+    # LoRA r=4 included: its projects and expands are tile GEMMs too).
     assert routes == [21, 20, 0, 18, 15]
-    assert (both["dot_products"], both["loads_a"], both["loads_b"]) == (399, 231, 228), both
-    assert expected_tile_ops(routes, prob.H, prob.I, True)["useful"] == 208.125  # padding waste 1.92x
+    assert (both["dot_products"], both["loads_a"], both["loads_b"], both["loads_c"]) == (665, 392, 380, 133), both
+    assert expected_tile_ops(routes, prob.H, prob.I, prob.r, True)["useful"] == 208.125
 
 
 def test_tile_configuration_loaded_once_per_worker():

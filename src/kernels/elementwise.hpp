@@ -76,36 +76,6 @@ float swiglu_backward(const float* dh_raw, const bf16* g, const bf16* u, int64_t
   return reduce_lanes(acc);
 }
 
-// out[m][q] = sum_k A[m][k] * L[q][k]: bf16 activations times fp32 LoRA rows (rank q < r).
-void lora_project(const bf16* A, int64_t lda, int64_t rows, int64_t K, const float* L, int64_t ldl, int r, float* out,
-                  int64_t ldo) {
-  for (int64_t m = 0; m < rows; ++m) {
-    const bf16* a = A + m * lda;
-    for (int q = 0; q < r; ++q) {
-      const float* l = L + q * ldl;
-      float acc[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes)
-        for (int j = 0; j < kLanes; ++j) acc[j] += to_f32(a[k + j]) * l[k + j];
-      for (int j = 0; k + j < K; ++j) acc[j] += to_f32(a[k + j]) * l[k + j];
-      out[m * ldo + q] = reduce_lanes(acc);
-    }
-  }
-}
-
-// C[m][c] += scale * sum_q coef[m][q] * L[q][c]: the LoRA B term added to an accumulator tile.
-void lora_expand(float* C, int64_t ldc, int64_t rows, int64_t cols, const float* coef, int64_t ldcoef, int r,
-                 float scale, const float* L, int64_t ldl) {
-  for (int64_t m = 0; m < rows; ++m) {
-    float* c = C + m * ldc;
-    for (int q = 0; q < r; ++q) {
-      const float a = scale * coef[m * ldcoef + q];
-      const float* l = L + q * ldl;
-      for (int64_t j = 0; j < cols; ++j) c[j] += a * l[j];
-    }
-  }
-}
-
 void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
                  float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
   for (int i = 0; i < m; ++i)
@@ -145,8 +115,8 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, GemmFn gemm, TransposePanelsFn transpose_panels) {
-  return KernelSet{isa,          mr,          gemm,        transpose_panels, swiglu_forward, swiglu_backward,
-                   lora_project, lora_expand, rank_update, to_bf16_row,      weighted_sum};
+  return KernelSet{isa,         mr,          gemm,        transpose_panels, swiglu_forward,
+                   swiglu_backward, rank_update, to_bf16_row, weighted_sum};
 }
 
 }  // namespace

@@ -47,13 +47,7 @@ struct KernelSet {
   // h (bf16, when not null). Returns dh_raw . h, the routing-weight gradient's share of these columns.
   float (*swiglu_backward)(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg,
                            bf16* du, bf16* h);
-  // LoRA in fp32 (the adapters are trained: their terms keep full precision).
-  // out[m][q] = sum_k A[m][k] L[q][k]  (activations [rows][K] bf16, L [r][K] fp32)
-  void (*lora_project)(const bf16* A, int64_t lda, int64_t rows, int64_t K, const float* L, int64_t ldl, int r,
-                       float* out, int64_t ldo);
-  // C[m][c] += scale * sum_q coef[m][q] L[q][c]
-  void (*lora_expand)(float* C, int64_t ldc, int64_t rows, int64_t cols, const float* coef, int64_t ldcoef, int r,
-                      float scale, const float* L, int64_t ldl);
+  // LoRA gradients in fp32 (the adapters are trained; the LoRA products themselves run on gemm).
   // G[i][c] = scale * sum_p coef[p][i] * pscale[p] * rows[p][c], i < m <= kMaxRank,
   // c < n <= kRankUpdateMaxCols, summed in p order
   // (fixed order: the result does not depend on threads). pscale and row_index may be null.

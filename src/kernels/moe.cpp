@@ -17,53 +17,115 @@ constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient 
 
 size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
-// The LoRA matrices of the active experts in fp32, laid out for lora_project / lora_expand:
-// the A matrices as given ([r][H], [r][I]) and the B matrices transposed ([r][I], [r][H]).
-// fp32 A matrices are read in place; the rest is converted per call (the optimizer may have
-// changed them since the last one).
-class LoraMatrices {
+// The active experts' LoRA matrices as bf16 VNNI panels, packed per call (the optimizer changes
+// them between calls), so that every LoRA product runs on the GEMM micro-kernel with fp32
+// accumulation: a "project" (activations x A^T or B^T: rank-r results) and an "expand" (rank-r
+// coefficients x B^T or A, accumulated into the base GEMM's tile). Where gate and up share an
+// operand, gate's rank components sit at [0, r) and up's at [R, R + r), R = round_up(r, 16).
+//   forward:  project x -> [a_g | a_u]   K=H,  N=R+r     expand into g|u   K=R+r, N=2*I16 (interleaved)
+//             project h -> a_d           K=I,  N=r       expand into o     K=r,   N=H
+//   backward: project gy -> b_d          K=H,  N=r       expand into dh    K=r,   N=I
+//             project dg|du -> [c_g|c_u] K=2Ip, N=R+r    expand into dx    K=R+r, N=H
+class LoraPanels {
  public:
-  enum Which { Ag, Au, Ad, BgT, BuT, BdT, kCount };
+  enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
 
-  LoraMatrices(const LoraView& L, int64_t H, int64_t I, int64_t n_active)
-      : L_(L), H_(H), I_(I), per_slot_(L.rank * 3 * (H + I)), data_(size_t(per_slot_ * n_active)),
-        ptrs_(size_t(n_active)) {}
-
-  // Fills slot `slot` with expert e; slots are independent (one task each).
-  void prepare(int64_t slot, int64_t e) {
-    const int64_t r = L_.rank, H = H_, I = I_;
-    float* d = data_.data() + slot * per_slot_;
-    auto& p = ptrs_[slot];
-    auto a_matrix = [&](const void* base, int64_t cols) -> const float* {
-      if (L_.dtype == DType::f32) return static_cast<const float*>(base) + e * r * cols;
-      const bf16* src = static_cast<const bf16*>(base) + e * r * cols;
-      float* out = d;
-      for (int64_t i = 0; i < r * cols; ++i) out[i] = bf16_to_f32(src[i]);
-      d += r * cols;
-      return out;
-    };
-    auto b_transposed = [&](const void* base, int64_t rows) -> const float* {  // [rows][r] -> [r][rows]
-      float* out = d;
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t q = 0; q < r; ++q) out[q * rows + i] = load_as_f32(base, L_.dtype, (e * rows + i) * r + q);
-      d += r * rows;
-      return out;
-    };
-    p[Ag] = a_matrix(L_.gate_a, H);
-    p[Au] = a_matrix(L_.up_a, H);
-    p[Ad] = a_matrix(L_.down_a, I);
-    p[BgT] = b_transposed(L_.gate_b, I);
-    p[BuT] = b_transposed(L_.up_b, I);
-    p[BdT] = b_transposed(L_.down_b, H);
+  LoraPanels(const LoraView& L, int64_t H, int64_t I, int64_t n_active, bool backward)
+      : L_(L), H_(H), I_(I), r_(L.rank), R_(round_up(L.rank, kPanelCols)), backward_(backward) {
+    const int64_t r = r_, R = R_, Ip = round_up(I, kKAlign);
+    if (!backward) {
+      layouts_[kProjectGateUp] = PanelLayout(H, R + r);
+      layouts_[kExpandGateUp] = PanelLayout(R + r, 2 * round_up(I, kPanelCols));
+      layouts_[kProjectDown] = PanelLayout(I, r);
+      layouts_[kExpandDown] = PanelLayout(r, H);
+    } else {  // "gate_up" = the dx side, "down" = the dh side
+      layouts_[kProjectGateUp] = PanelLayout(2 * Ip, R + r);
+      layouts_[kExpandGateUp] = PanelLayout(R + r, H);
+      layouts_[kProjectDown] = PanelLayout(H, r);
+      layouts_[kExpandDown] = PanelLayout(r, I);
+    }
+    for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
+    data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active));
   }
-  const float* get(int64_t slot, Which w) const { return ptrs_[slot][w]; }
+
+  int64_t rank_slot() const { return R_; }  // up's first rank component in shared operands
+  const PanelLayout& layout(Which w) const { return layouts_[w]; }
+  const bf16* get(int64_t slot, Which w) const { return data_.data() + slot * offset_[kCount] + offset_[w]; }
+
+  // Packs expert e into slot `slot`; slots are independent (one task each).
+  void prepare(int64_t slot, int64_t e) {
+    const int64_t r = r_, R = R_, H = H_, I = I_;
+    bf16* base = data_.data() + slot * offset_[kCount];
+    std::fill(base, base + offset_[kCount], bf16(0));
+    auto view = [&](const void* t, int64_t rows, int64_t cols, bool transpose) {  // expert e's [rows][cols]
+      const char* p = static_cast<const char*>(t) + e * rows * cols * (L_.dtype == DType::f32 ? 4 : 2);
+      return transpose ? MatrixView{p, L_.dtype, 1, cols} : MatrixView{p, L_.dtype, cols, 1};
+    };
+    auto pack = [&](Which w, const MatrixView& m, int64_t K, int64_t N, int64_t k_offset, int64_t first_panel,
+                    int64_t panel_step) {
+      const PanelLayout& l = layouts_[w];
+      pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride());
+    };
+    const int64_t up_panel = R / kPanelCols;
+    if (!backward_) {
+      pack(kProjectGateUp, view(L_.gate_a, r, H, true), H, r, 0, 0, 1);  // (k=h, n=q) = Ag[q][h]
+      pack(kProjectGateUp, view(L_.up_a, r, H, true), H, r, 0, up_panel, 1);
+      pack(kExpandGateUp, view(L_.gate_b, I, r, true), r, I, 0, 0, 2);  // (k=q, n=i) = Bg[i][q]
+      pack(kExpandGateUp, view(L_.up_b, I, r, true), r, I, R, 1, 2);
+      pack(kProjectDown, view(L_.down_a, r, I, true), I, r, 0, 0, 1);  // (k=i, n=q) = Ad[q][i]
+      pack(kExpandDown, view(L_.down_b, H, r, true), r, H, 0, 0, 1);   // (k=q, n=h) = Bd[h][q]
+    } else {
+      const int64_t Ip = round_up(I, kKAlign);
+      pack(kProjectGateUp, view(L_.gate_b, I, r, false), I, r, 0, 0, 1);  // (k=i, n=q) = Bg[i][q]
+      pack(kProjectGateUp, view(L_.up_b, I, r, false), I, r, Ip, up_panel, 1);
+      pack(kExpandGateUp, view(L_.gate_a, r, H, false), r, H, 0, 0, 1);  // (k=q, n=h) = Ag[q][h]
+      pack(kExpandGateUp, view(L_.up_a, r, H, false), r, H, R, 0, 1);
+      pack(kProjectDown, view(L_.down_b, H, r, false), H, r, 0, 0, 1);  // (k=h, n=q) = Bd[h][q]
+      pack(kExpandDown, view(L_.down_a, r, I, false), r, I, 0, 0, 1);   // (k=q, n=i) = Ad[q][i]
+    }
+  }
 
  private:
   LoraView L_;
-  int64_t H_, I_, per_slot_;
-  Buffer<float> data_;
-  std::vector<std::array<const float*, kCount>> ptrs_;
+  int64_t H_, I_, r_, R_;
+  bool backward_;
+  PanelLayout layouts_[kCount];
+  int64_t offset_[kCount + 1] = {};
+  Buffer<bf16> data_;
 };
+
+// Rank-r results of a LoRA project for the rows of a block: C [rows][16*np] fp32 (GEMM output,
+// ldc) -> fp32 copies of the columns [c0, c0 + r) into dst0 and [c1, c1 + r) into dst1 (when not
+// null) for the real rows, and the expand's A operand: coef = bf16(scale * C) for all rows, K padded.
+void split_projection(const float* C, int64_t ldc, int64_t rows, int64_t real, int64_t ncols, int64_t r, float* dst0,
+                      float* dst1, int64_t R, float scale, bf16* coef, int64_t ldcoef) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* c = C + i * ldc;
+    if (i < real) {
+      std::memcpy(dst0 + i * r, c, r * sizeof(float));
+      if (dst1) std::memcpy(dst1 + i * r, c + R, r * sizeof(float));
+    }
+    bf16* k = coef + i * ldcoef;
+    for (int64_t j = 0; j < ncols; ++j) k[j] = f32_to_bf16(scale * c[j]);
+    std::fill(k + ncols, k + ldcoef, bf16(0));
+  }
+}
+
+// The project of a row block: C [rows][16 * panels] = A [rows][K] x the project operand.
+void lora_project(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPanels::Which which, const bf16* A,
+                  int64_t lda, int64_t rows, float* C) {
+  const PanelLayout& l = lp.layout(which);
+  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), C, kPanelCols * l.panels,
+          false);
+}
+
+// The expand of a row block: C [rows][16 * np] += coef [rows][Kp] x panels [p0, p0 + np) of the operand.
+void lora_expand(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPanels::Which which, const bf16* coef,
+                 int64_t rows, int64_t p0, int np, float* C, int64_t ldc) {
+  const PanelLayout& l = lp.layout(which);
+  ks.gemm(coef, l.Kp, rows, lp.get(slot, which) + p0 * l.panel_stride(), l.panel_stride(), l.Kp / 2, np, C, ldc,
+          true);
+}
 
 // A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
 // first `real` of them.
@@ -85,7 +147,11 @@ struct ExpertBlocks {
                           std::clamp<int64_t>(n - r, 0, kRowBlock)});
     }
     first.push_back(int64_t(blocks.size()));
+    for (size_t slot = 0; slot + 1 < first.size(); ++slot)
+      for (int64_t i = first[slot]; i < first[slot + 1]; ++i) slot_of.push_back(int64_t(slot));
   }
+  std::vector<int64_t> slot_of;  // active slot of each block
+  int64_t slot(int64_t block) const { return slot_of[block]; }
   int64_t size() const { return int64_t(blocks.size()); }
   int64_t experts() const { return int64_t(first.size()) - 1; }
   const RowBlock& operator[](int64_t i) const { return blocks[i]; }
@@ -159,22 +225,26 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t M = poff[weights->E];
 
   struct Workspace {
-    Buffer<bf16> xa, ha;  // A operands: gathered x, h (rows padded per expert)
+    Buffer<bf16> xa, ha;            // A operands: gathered x, h (rows padded per expert)
+    Buffer<bf16> coef_gu, coef_d;   // A operands of the LoRA expands: s [a_g | a_u], s a_d
     Buffer<float> o, scratch;
     ExpertBlocks blocks;
-    std::vector<int64_t> expert_slot;  // expert -> index in plan.active
-    std::unique_ptr<LoraMatrices> lora;
+    std::unique_ptr<LoraPanels> lora;
     int64_t scratch_per_thread;
   };
-  auto ws = std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, {}, 0});
+  auto ws = std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0});
   ws->xa = Buffer<bf16>(size_t(M * Hp));
   ws->ha = Buffer<bf16>(size_t(M * Ip));
   ws->o = Buffer<float>(size_t(cache->plan.routes * H));
-  ws->expert_slot.assign(weights->E, -1);
   const int64_t n_active = int64_t(cache->plan.active.size());
-  for (int64_t i = 0; i < n_active; ++i) ws->expert_slot[cache->plan.active[i]] = i;
-  if (lora) ws->lora = std::make_unique<LoraMatrices>(a.lora, H, I, n_active);
-  ws->scratch_per_thread = std::max(kRowBlock * kColBlock, H);
+  int64_t lora_cols = 0;  // columns of the widest LoRA project
+  if (lora) {
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, false);
+    ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp));
+    ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp));
+    lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
+  }
+  ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, H});
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
   if (cache_out) *cache_out = cache;
 
@@ -214,14 +284,18 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       }
     });
 
-    // 2. LoRA A of gate and up: a_g = Ag x, a_u = Au x (fp32, kept for the backward).
+    // 2. LoRA A of gate and up: [a_g | a_u] = x [Ag; Au]^T (fp32, kept for the backward), and
+    //    s [a_g | a_u] in bf16 as the A operand of the expand in 3.
     if (lora)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const int64_t slot = w.expert_slot[b.e];
-        const bf16* A = w.xa.data() + b.prow * Hp;
-        ks.lora_project(A, Hp, b.real, H, w.lora->get(slot, LoraMatrices::Ag), H, int(r), c.ag.data() + b.route0 * r, r);
-        ks.lora_project(A, Hp, b.real, H, w.lora->get(slot, LoraMatrices::Au), H, int(r), c.au.data() + b.route0 * r, r);
+        const LoraPanels& lp = *w.lora;
+        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectGateUp).panels;
+        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.xa.data() + b.prow * Hp, Hp, b.rows,
+                     scratch);
+        const int64_t ldk = lp.layout(LoraPanels::kExpandGateUp).Kp;
+        split_projection(scratch, ncols, b.rows, b.real, ncols, r, c.ag.data() + b.route0 * r,
+                         c.au.data() + b.route0 * r, lp.rank_slot(), s, w.coef_gu.data() + b.prow * ldk, ldk);
       });
 
     // 3. Gate and up (+ s Bg a_g, s Bu a_u), then h = silu(g) * u straight from the accumulators.
@@ -233,16 +307,14 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, nullptr);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, B, L, int(2 * pairs), scratch, kColBlock);
+        if (lora)  // + s Bg a_g, s Bu a_u: one more K step (r <= 16) on the same tiles
+          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
+                      w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, 2 * j0,
+                      int(2 * pairs), scratch, kColBlock);
         for (int64_t jj = 0; jj < pairs; ++jj) {
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
           float* cu = cg + kPanelCols;
-          if (lora) {
-            ks.lora_expand(cg, kColBlock, b.real, n, c.ag.data() + b.route0 * r, r, int(r), s,
-                           w.lora->get(slot, LoraMatrices::BgT) + col, I);
-            ks.lora_expand(cu, kColBlock, b.real, n, c.au.data() + b.route0 * r, r, int(r), s,
-                           w.lora->get(slot, LoraMatrices::BuT) + col, I);
-          }
           for (int64_t i = 0; i < b.rows; ++i) {
             const bool keep = a.save_for_backward && i < b.real;
             const int64_t route = b.route0 + i;
@@ -258,12 +330,17 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       });
     });
 
-    // 4. LoRA A of down: a_d = Ad h.
+    // 4. LoRA A of down: a_d = Ad h (fp32, kept), s a_d in bf16 for the expand in 5.
     if (lora)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        ks.lora_project(w.ha.data() + b.prow * Ip, Ip, b.real, I, w.lora->get(w.expert_slot[b.e], LoraMatrices::Ad), I,
-                        int(r), c.ad.data() + b.route0 * r, r);
+        const LoraPanels& lp = *w.lora;
+        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectDown).panels;
+        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.ha.data() + b.prow * Ip, Ip, b.rows,
+                     scratch);
+        const int64_t ldk = lp.layout(LoraPanels::kExpandDown).Kp;
+        split_projection(scratch, ncols, b.rows, b.real, ncols, r, c.ad.data() + b.route0 * r, nullptr, 0, s,
+                         w.coef_d.data() + b.prow * ldk, ldk);
       });
 
     // 5. Down (+ s Bd a_d): one unweighted output row per route; tasks as in 3.
@@ -277,8 +354,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.ha.data() + b.prow * Ip, Ip, b.rows, B, L, np, scratch, kColBlock);
         if (lora)
-          ks.lora_expand(scratch, kColBlock, b.real, n, c.ad.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::BdT) + col, H);
+          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
+                      w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
+                      kColBlock);
         for (int64_t i = 0; i < b.real; ++i)
           std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
       });
@@ -310,32 +388,34 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const int64_t i_chunks = ceil_div(i_panels, 2);  // 2 panels (32 columns of I) per task
 
   struct Workspace {
-    Buffer<bf16> gy, dgu, hb;  // A operands: gathered gy, [dg | du]; h for dAd
+    Buffer<bf16> gy, dgu, hb;        // A operands: gathered gy, [dg | du]; h for dAd
+    Buffer<bf16> coef_bd, coef_cgu;  // A operands of the LoRA expands: s b_d, s [c_g | c_u]
     Buffer<float> dwpart, dxr, bd, cg, cu, scratch;
     Buffer<bf16> operand;  // per worker: the B operand of one (expert, column chunk)
     ExpertBlocks blocks;
-    std::vector<int64_t> expert_slot;
-    std::unique_ptr<LoraMatrices> lora;
+    std::unique_ptr<LoraPanels> lora;
     int64_t scratch_per_thread, operand_per_thread;
   };
   const int64_t routes = cache->plan.routes;
   auto ws = std::make_shared<Workspace>(
-      Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, {}, 0, 0});
+      Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   ws->gy = Buffer<bf16>(size_t(M * Hp));
   ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip));
   ws->dwpart = Buffer<float>(size_t(routes * i_chunks));
   ws->dxr = Buffer<float>(size_t(routes * H));
-  ws->expert_slot.assign(weights->E, -1);
   const int64_t n_active = int64_t(cache->plan.active.size());
-  for (int64_t i = 0; i < n_active; ++i) ws->expert_slot[cache->plan.active[i]] = i;
+  int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
     ws->hb = Buffer<bf16>(size_t(routes * I));
     ws->bd = Buffer<float>(size_t(routes * r));
     ws->cg = Buffer<float>(size_t(routes * r));
     ws->cu = Buffer<float>(size_t(routes * r));
-    ws->lora = std::make_unique<LoraMatrices>(a.lora, H, I, n_active);
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, true);
+    ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp));
+    ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp));
+    lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
-  ws->scratch_per_thread = std::max({kRowBlock * kColBlock, r * kGradCols, H});
+  ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, r * kGradCols, H});
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
   ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::down_t, 2),
                                     weights->operand_buffer_elements(Gemm::gate_up_t, kPanelsPerBlock));
@@ -382,12 +462,17 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       }
     });
 
-    // 2. b_d = Bd^T gy (unweighted).
+    // 2. b_d = Bd^T gy (unweighted, fp32), s b_d in bf16 for the expand in 3.
     if (lora)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        ks.lora_project(w.gy.data() + b.prow * Hp, Hp, b.real, H, w.lora->get(w.expert_slot[b.e], LoraMatrices::BdT),
-                        H, int(r), w.bd.data() + b.route0 * r, r);
+        const LoraPanels& lp = *w.lora;
+        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectDown).panels;
+        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.gy.data() + b.prow * Hp, Hp, b.rows,
+                     scratch);
+        const int64_t ldk = lp.layout(LoraPanels::kExpandDown).Kp;
+        split_projection(scratch, ncols, b.rows, b.real, ncols, r, w.bd.data() + b.route0 * r, nullptr, 0, s,
+                         w.coef_bd.data() + b.prow * ldk, ldk);
       });
 
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
@@ -401,8 +486,9 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock);
         if (lora)
-          ks.lora_expand(scratch, kColBlock, b.real, n, w.bd.data() + b.route0 * r, r, int(r), s,
-                         w.lora->get(slot, LoraMatrices::Ad) + col, I);
+          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
+                      w.coef_bd.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
+                      kColBlock);
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
           bf16* d = w.dgu.data() + (b.prow + i) * ldd;
@@ -414,15 +500,17 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       });
     });
 
-    // 4. c_g = Bg^T dg, c_u = Bu^T du.
+    // 4. [c_g | c_u] = [dg | du] [Bg, 0; 0, Bu] (fp32), s [c_g | c_u] in bf16 for the expand in 5.
     if (lora)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const int64_t slot = w.expert_slot[b.e];
-        const bf16* A = w.dgu.data() + b.prow * ldd;
-        ks.lora_project(A, ldd, b.real, I, w.lora->get(slot, LoraMatrices::BgT), I, int(r), w.cg.data() + b.route0 * r, r);
-        ks.lora_project(A + Ip, ldd, b.real, I, w.lora->get(slot, LoraMatrices::BuT), I, int(r),
-                        w.cu.data() + b.route0 * r, r);
+        const LoraPanels& lp = *w.lora;
+        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectGateUp).panels;
+        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.dgu.data() + b.prow * ldd, ldd, b.rows,
+                     scratch);
+        const int64_t ldk = lp.layout(LoraPanels::kExpandGateUp).Kp;
+        split_projection(scratch, ncols, b.rows, b.real, ncols, r, w.cg.data() + b.route0 * r,
+                         w.cu.data() + b.route0 * r, lp.rank_slot(), s, w.coef_cgu.data() + b.prow * ldk, ldk);
       });
 
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.
@@ -436,12 +524,10 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
         w.blocks.for_expert(slot, [&](const RowBlock& b) {
           gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock);
-          if (lora) {
-            ks.lora_expand(scratch, kColBlock, b.real, n, w.cg.data() + b.route0 * r, r, int(r), s,
-                           w.lora->get(slot, LoraMatrices::Ag) + col, H);
-            ks.lora_expand(scratch, kColBlock, b.real, n, w.cu.data() + b.route0 * r, r, int(r), s,
-                           w.lora->get(slot, LoraMatrices::Au) + col, H);
-          }
+          if (lora)
+            lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
+                        w.coef_cgu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, p0, np,
+                        scratch, kColBlock);
           for (int64_t i = 0; i < b.real; ++i)
             std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
         });
