@@ -109,8 +109,7 @@ def _ceil(a, b):
 def expected_tile_ops(routes_per_expert, H, I, r, backward):
     """The micro-kernel's tiling, written independently of the library: per expert, rows padded to
     16 and split into 64-row blocks; each GEMM in 2 x 2 tile blocks (2 row tiles x 2 panels), one
-    K step per 32 of K. Base GEMMs run per column chunk (gate_up 2+2 panels, down 4, down_t 2,
-    gate_up_t 4); each adds its LoRA expand on the same chunk (K = the rank slots, C loaded back);
+    K step per 32 of K. Base GEMMs run per column chunk of 6 panels (gate_up: 3 gate + 3 up); each adds its LoRA expand on the same chunk (K = the rank slots, C loaded back);
     the LoRA projects run per row block over all their panels (rank slots: gate [0, r), up [R, R+r))."""
     Hp, Ip, Hpan, Ipan = _ceil(H, 32) * 32, _ceil(I, 32) * 32, _ceil(H, 16), _ceil(I, 16)
     R = _ceil(r, 16) * 16
@@ -129,9 +128,9 @@ def expected_tile_ops(routes_per_expert, H, I, r, backward):
                 n["stores_c"] += mt * nt
 
     # (base K, panels, panels per chunk, LoRA expand K, LoRA project (K, N) before it or None)
-    gemms = [(Hp, 2 * Ipan, 4, R + r, (Hp, R + r)), (Ip, Hpan, 4, r, (Ip, r))]
+    gemms = [(Hp, 2 * Ipan, 6, R + r, (Hp, R + r)), (Ip, Hpan, 6, r, (Ip, r))]
     if backward:
-        gemms += [(Hp, Ipan, 2, r, (Hp, r)), (2 * Ip, Hpan, 4, R + r, (2 * Ip, R + r))]
+        gemms += [(Hp, Ipan, 6, r, (Hp, r)), (2 * Ip, Hpan, 6, R + r, (2 * Ip, R + r))]
     for routes in routes_per_expert:
         if routes == 0:
             continue

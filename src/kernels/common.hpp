@@ -40,20 +40,33 @@ inline float load_as_f32(const void* p, DType t, int64_t i) {
 void* allocate_bytes(size_t bytes);
 void free_bytes(void* p, size_t bytes);
 
+// The per-call workspaces of the macro-kernels are recycled instead: faulting in (and zeroing)
+// hundreds of MiB of fresh pages at every call cost as much as the GEMMs. Freed large workspaces
+// stay mapped in a cache of bounded size (KT_WORKSPACE_CACHE_MB, default 1024; 0 turns it off)
+// for the next call; *mapped returns the bytes actually mapped (what free_workspace needs back).
+void* allocate_workspace(size_t bytes, size_t* mapped);
+void free_workspace(void* p, size_t mapped);
+
+enum class Memory { owned, workspace };
+
 // 64-byte aligned, uninitialised array (cache lines and AMX tile rows).
 template <class T>
 class Buffer {
  public:
   Buffer() = default;
-  explicit Buffer(size_t n) : n_(n) {
-    if (n) ptr_ = static_cast<T*>(allocate_bytes(n * sizeof(T)));
+  explicit Buffer(size_t n, Memory kind = Memory::owned) : n_(n) {
+    if (!n) return;
+    if (kind == Memory::workspace)
+      ptr_ = static_cast<T*>(allocate_workspace(n * sizeof(T), &mapped_));
+    else
+      ptr_ = static_cast<T*>(allocate_bytes(n * sizeof(T)));
   }
   ~Buffer() { release(); }
-  Buffer(Buffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_) { o.ptr_ = nullptr, o.n_ = 0; }
+  Buffer(Buffer&& o) noexcept : ptr_(o.ptr_), n_(o.n_), mapped_(o.mapped_) { o.ptr_ = nullptr, o.n_ = 0; }
   Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
       release();
-      ptr_ = o.ptr_, n_ = o.n_;
+      ptr_ = o.ptr_, n_ = o.n_, mapped_ = o.mapped_;
       o.ptr_ = nullptr, o.n_ = 0;
     }
     return *this;
@@ -67,11 +80,15 @@ class Buffer {
 
  private:
   void release() {
-    if (ptr_) free_bytes(ptr_, n_ * sizeof(T));
+    if (ptr_ && mapped_)
+      free_workspace(ptr_, mapped_);
+    else if (ptr_)
+      free_bytes(ptr_, n_ * sizeof(T));
     ptr_ = nullptr;
   }
   T* ptr_ = nullptr;
   size_t n_ = 0;
+  size_t mapped_ = 0;  // workspaces: bytes mapped (0: owned memory)
 };
 
 }  // namespace kt

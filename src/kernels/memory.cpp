@@ -1,7 +1,9 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <vector>
 
 #include "common.hpp"
 
@@ -30,6 +32,85 @@ void free_bytes(void* p, size_t bytes) {
     munmap(p, bytes);
   else
     std::free(p);
+}
+
+namespace {
+
+struct WorkspaceCache {
+  struct Mapping {
+    void* p;
+    size_t bytes;
+  };
+  std::mutex mutex;
+  std::vector<Mapping> free;  // oldest first
+  size_t cached = 0, limit = 0;
+  WorkspaceCache() {
+    const char* mb = std::getenv("KT_WORKSPACE_CACHE_MB");
+    limit = size_t(mb && *mb ? std::strtoull(mb, nullptr, 10) : 1024) << 20;
+  }
+};
+
+WorkspaceCache& workspace_cache() {
+  static WorkspaceCache* cache = new WorkspaceCache;  // never destroyed: workers may free at exit
+  return *cache;
+}
+
+}  // namespace
+
+void* allocate_workspace(size_t bytes, size_t* mapped) {
+  if (bytes < kMapThreshold) {
+    *mapped = 0;
+    return allocate_bytes(bytes);
+  }
+  const size_t want = size_t(round_up(int64_t(bytes), int64_t(kHugePage)));
+  WorkspaceCache& c = workspace_cache();
+  std::vector<WorkspaceCache::Mapping> evicted;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    size_t best = c.free.size();
+    for (size_t i = 0; i < c.free.size(); ++i)  // the smallest mapping that fits, at most 2x the request
+      if (c.free[i].bytes >= want && c.free[i].bytes <= 2 * want &&
+          (best == c.free.size() || c.free[i].bytes < c.free[best].bytes))
+        best = i;
+    if (best < c.free.size()) {
+      WorkspaceCache::Mapping m = c.free[best];
+      c.free.erase(c.free.begin() + long(best));
+      c.cached -= m.bytes;
+      *mapped = m.bytes;
+      return m.p;
+    }
+    // A miss replaces the oldest cached memory instead of adding to it, so mappings of sizes no
+    // longer asked for do not pile up: resident memory stays flat when call shapes change.
+    for (size_t freed = 0; freed < want && !c.free.empty();) {
+      evicted.push_back(c.free.front());
+      freed += c.free.front().bytes;
+      c.cached -= c.free.front().bytes;
+      c.free.erase(c.free.begin());
+    }
+  }
+  for (const auto& m : evicted) munmap(m.p, m.bytes);
+  *mapped = want;
+  return allocate_bytes(want);
+}
+
+void free_workspace(void* p, size_t mapped) {
+  WorkspaceCache& c = workspace_cache();
+  std::vector<WorkspaceCache::Mapping> evicted;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (mapped <= c.limit) {
+      while (c.cached + mapped > c.limit) {  // make room: drop the oldest
+        evicted.push_back(c.free.front());
+        c.cached -= c.free.front().bytes;
+        c.free.erase(c.free.begin());
+      }
+      c.free.push_back({p, mapped});
+      c.cached += mapped;
+      p = nullptr;
+    }
+  }
+  for (const auto& m : evicted) munmap(m.p, m.bytes);
+  if (p) munmap(p, mapped);
 }
 
 }  // namespace kt

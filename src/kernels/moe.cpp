@@ -10,8 +10,10 @@ namespace kt {
 namespace {
 
 constexpr int64_t kRowBlock = 64;        // rows of A per task (a multiple of every ISA's mr)
-constexpr int64_t kColBlock = 64;        // output columns per task: 4 panels
-constexpr int64_t kPanelsPerBlock = kColBlock / kPanelCols;
+// Output columns per task: 6 panels, a whole number of every micro-kernel's register or tile
+// blocks (AVX-512: 3 panels, AMX: 2), so no call runs a narrow remainder.
+constexpr int64_t kPanelsPerBlock = 6;
+constexpr int64_t kColBlock = kPanelsPerBlock * kPanelCols;
 constexpr int64_t kTokenBlock = 16;      // tokens per task of the final per-token reduction
 constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient task
 
@@ -45,7 +47,7 @@ class LoraPanels {
       layouts_[kExpandDown] = PanelLayout(r, I);
     }
     for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
-    data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active));
+    data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active), Memory::workspace);
   }
 
   int64_t rank_slot() const { return R_; }  // up's first rank component in shared operands
@@ -233,25 +235,25 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     int64_t scratch_per_thread;
   };
   auto ws = std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0});
-  ws->xa = Buffer<bf16>(size_t(M * Hp));
-  ws->ha = Buffer<bf16>(size_t(M * Ip));
-  ws->o = Buffer<float>(size_t(cache->plan.routes * H));
+  ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
+  ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
+  ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
     ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, false);
-    ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp));
-    ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp));
+    ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
+    ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, H});
-  ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
+  ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads), Memory::workspace);
   if (cache_out) *cache_out = cache;
 
   const int64_t n_blocks = ws->blocks.size();
   const int64_t n_lora = lora ? n_active : 0;
   const int64_t i_panels = ceil_div(I, kPanelCols);
-  const int64_t i_chunks = ceil_div(i_panels, 2);  // 2 gate + 2 up panels per task
+  const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock / 2);  // 3 gate + 3 up panels per task
   const int64_t h_chunks = ceil_div(weights->layout(Gemm::down).panels, kPanelsPerBlock);
   const int64_t x_chunks = a.save_for_backward ? ceil_div(T, kTokenBlock) : 0;
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
@@ -302,7 +304,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     //    One task per (expert, column chunk), over all of the expert's rows: B is read once.
     wk.for_each(n_active * i_chunks, [&](int64_t task) {
       const int64_t slot = task / i_chunks;
-      const int64_t j0 = 2 * (task % i_chunks), pairs = std::min<int64_t>(2, i_panels - j0);
+      const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
+      const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
       const PanelLayout& L = W.layout(Gemm::gate_up);
       const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, nullptr);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
@@ -385,7 +388,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.mr);
   const int64_t M = poff[weights->E];
   const int64_t i_panels = ceil_div(I, kPanelCols);
-  const int64_t i_chunks = ceil_div(i_panels, 2);  // 2 panels (32 columns of I) per task
+  const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock);
 
   struct Workspace {
     Buffer<bf16> gy, dgu, hb;        // A operands: gathered gy, [dg | du]; h for dAd
@@ -399,28 +402,28 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const int64_t routes = cache->plan.routes;
   auto ws = std::make_shared<Workspace>(
       Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
-  ws->gy = Buffer<bf16>(size_t(M * Hp));
-  ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip));
-  ws->dwpart = Buffer<float>(size_t(routes * i_chunks));
-  ws->dxr = Buffer<float>(size_t(routes * H));
+  ws->gy = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
+  ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip), Memory::workspace);
+  ws->dwpart = Buffer<float>(size_t(routes * i_chunks), Memory::workspace);
+  ws->dxr = Buffer<float>(size_t(routes * H), Memory::workspace);
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
-    ws->hb = Buffer<bf16>(size_t(routes * I));
-    ws->bd = Buffer<float>(size_t(routes * r));
-    ws->cg = Buffer<float>(size_t(routes * r));
-    ws->cu = Buffer<float>(size_t(routes * r));
+    ws->hb = Buffer<bf16>(size_t(routes * I), Memory::workspace);
+    ws->bd = Buffer<float>(size_t(routes * r), Memory::workspace);
+    ws->cg = Buffer<float>(size_t(routes * r), Memory::workspace);
+    ws->cu = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, true);
-    ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp));
-    ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp));
+    ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
+    ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, r * kGradCols, H});
-  ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads));
-  ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::down_t, 2),
+  ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads), Memory::workspace);
+  ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::down_t, kPanelsPerBlock),
                                     weights->operand_buffer_elements(Gemm::gate_up_t, kPanelsPerBlock));
   if (weights->backward == BackwardWeights::on_the_fly)
-    ws->operand = Buffer<bf16>(size_t(ws->operand_per_thread * threads));
+    ws->operand = Buffer<bf16>(size_t(ws->operand_per_thread * threads), Memory::workspace);
 
   const int64_t n_blocks = ws->blocks.size();
   const int64_t n_lora = lora ? n_active : 0;
@@ -478,9 +481,9 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
     //    (expert, column chunk): its B operand is made once and used by all of the expert's rows.
     wk.for_each(n_active * i_chunks, [&](int64_t task) {
-      const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = 2 * chunk;
+      const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = kPanelsPerBlock * chunk;
       const PanelLayout& L = W.layout(Gemm::down_t);
-      const int np = int(std::min<int64_t>(2, i_panels - p0));
+      const int np = int(std::min<int64_t>(kPanelsPerBlock, i_panels - p0));
       const bf16* B = W.operand(Gemm::down_t, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, I - col);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
