@@ -19,6 +19,12 @@ def available_isas() -> list[str]:
     return _core.runnable_isas()
 
 
+def release_workspaces() -> int:
+    """Returns the kernels' cached per-call workspaces to the OS (they are kept for reuse, at most
+    KT_WORKSPACE_CACHE_MB MiB, default 1024); returns the bytes released."""
+    return _core.release_workspaces()
+
+
 def cpu_info() -> dict:
     """CPU features found at run time, whether Linux granted AMX, and the ISA path in use."""
     info = _core.cpu_features()
@@ -29,6 +35,6 @@ def cpu_info() -> dict:
 
 __all__ = [
     "ExpertWeights", "LoRA", "MoEState", "MoECache", "Grads", "LoRAGrads", "ForwardHandle",
-    "moe_forward", "moe_forward_async", "moe_backward", "cpu_info", "available_isas",
+    "moe_forward", "moe_forward_async", "moe_backward", "cpu_info", "available_isas", "release_workspaces",
 ]
 __version__ = "0.1.0"

@@ -46,6 +46,8 @@ void free_bytes(void* p, size_t bytes);
 // for the next call; *mapped returns the bytes actually mapped (what free_workspace needs back).
 void* allocate_workspace(size_t bytes, size_t* mapped);
 void free_workspace(void* p, size_t mapped);
+// Unmaps every cached workspace; returns the bytes given back.
+size_t release_workspaces();
 
 enum class Memory { owned, workspace };
 

@@ -93,6 +93,19 @@ void* allocate_workspace(size_t bytes, size_t* mapped) {
   return allocate_bytes(want);
 }
 
+size_t release_workspaces() {
+  WorkspaceCache& c = workspace_cache();
+  std::vector<WorkspaceCache::Mapping> all;
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    all.swap(c.free);
+    c.cached = 0;
+  }
+  size_t bytes = 0;
+  for (const auto& m : all) munmap(m.p, m.bytes), bytes += m.bytes;
+  return bytes;
+}
+
 void free_workspace(void* p, size_t mapped) {
   WorkspaceCache& c = workspace_cache();
   std::vector<WorkspaceCache::Mapping> evicted;

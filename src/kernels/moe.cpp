@@ -258,7 +258,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t x_chunks = a.save_for_backward ? ceil_div(T, kTokenBlock) : 0;
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
 
-  return std::make_shared<Job>([=](Worker& wk) {
+  return std::make_shared<Job>([=](Worker& wk) mutable {
     const PackedExperts& W = *weights;
     ForwardCache& c = *cache;
     const RoutingPlan& plan = c.plan;
@@ -369,6 +369,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     wk.for_each(t_chunks, [&](int64_t task) {
       reduce_tokens(ks, plan, w.o.data(), H, a.w, a.y, a.y_dtype, scratch, task * kTokenBlock);
     });
+    // Every worker is past the last phase's barrier: the workspace goes back to the cache before
+    // the job reports done, so the caller's next call can reuse it.
+    if (wk.tid() == 0) ws.reset();
   });
 }
 
@@ -434,7 +437,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const int64_t gh = ceil_div(H, kGradCols), gi = ceil_div(I, kGradCols);
   const int64_t grad_tasks_per_expert = lora ? 3 * gh + 3 * gi : 0;
 
-  return std::make_shared<Job>([=](Worker& wk) {
+  return std::make_shared<Job>([=](Worker& wk) mutable {
     const PackedExperts& W = *weights;
     const ForwardCache& c = *cache;
     const RoutingPlan& plan = c.plan;
@@ -592,6 +595,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
           a.dw[t * plan.k + j] = sum;
         }
     });
+    if (wk.tid() == 0) ws.reset();  // as in the forward
   });
 }
 

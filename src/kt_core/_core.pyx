@@ -38,6 +38,14 @@ cdef kt.Isa _isa(str name) except *:
     return isa
 
 
+def release_workspaces():
+    """Unmaps the cached per-call workspaces (kept for reuse, bounded by KT_WORKSPACE_CACHE_MB); returns the bytes."""
+    cdef size_t n
+    with nogil:
+        n = kt.release_workspaces()
+    return n
+
+
 def kernel_peak(str isa, int threads, double seconds=1.0):
     """GFLOP/s of the micro-kernel of `isa` in a tight L1-resident loop on `threads` workers."""
     cdef kt.Isa i = _isa(isa)

@@ -31,6 +31,10 @@ cdef extern from "cpu.hpp" namespace "kt":
     Isa default_isa() except +
 
 
+cdef extern from "common.hpp" namespace "kt":
+    size_t release_workspaces() nogil
+
+
 cdef extern from "kernels.hpp" namespace "kt":
     cdef cppclass KernelSet:
         pass
