@@ -4,7 +4,10 @@ patch_model(model) swaps every MoE block's routed experts for a KTExperts (packe
 in CPU memory + trainable LoRA on every expert); routers, shared experts, norms and attention stay
 torch. load_experts streams a safetensors checkpoint into packed weights layer by layer.
 save_adapter / load_adapter speak PEFT's format for the unpatched model (LoRA on the v5 fused
-expert parameters through `target_parameters`), so the adapter loads in PEFT.
+expert parameters through `target_parameters`), so the adapter loads in PEFT. A patched model still
+behaves like a transformers model: its state_dict() names the base experts as transformers does
+(dequantized from the packed state), save_pretrained writes a checkpoint from_pretrained loads (plus
+the LoRA as a PEFT adapter), it deep-copies and pickles, and unpatch_model gives the torch experts back.
 """
 from __future__ import annotations
 
@@ -166,6 +169,7 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     use_interface = all(_uses_experts_interface(module) for _, module in experts)
     if use_interface:
         _register_experts_implementation()
+        previous = {id(module.config): module.config._experts_implementation for _, module in experts}
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -186,10 +190,154 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         if use_interface:
             del module.gate_up_proj, module.down_proj  # frees the torch expert weights
             module.kt_experts = kt
+            module._kt_previous_experts_implementation = previous[id(module.config)]
             module.config._experts_implementation = EXPERTS_IMPLEMENTATION
+            module.register_forward_pre_hook(_check_experts_implementation)
+            holder = module
         else:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, kt)
+            holder = kt
+        holder.register_state_dict_post_hook(_experts_state_dict_hook)
+        holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = _SavePretrained(model)
+    return model
+
+
+# ---- A patched model as a transformers model: state_dict, save_pretrained, implementations, unpatch_model ------
+#
+# The hooks and the save_pretrained override are module-level functions / a class, so a patched model
+# deep-copies and pickles with them.
+
+ADAPTER_SUBDIR = "kt_lora_adapter"  # where save_pretrained writes the LoRA (a PEFT adapter)
+_BASE_NAMES = ("gate_up_proj", "down_proj")
+
+
+def _kt_of(module: nn.Module) -> KTExperts:
+    """The KTExperts of a patched experts module (or the module itself where it replaced the experts module)."""
+    return module if isinstance(module, KTExperts) else module.kt_experts
+
+
+def _base_tensors(kt: KTExperts, merge_lora: bool = False) -> dict[str, torch.Tensor]:
+    """transformers' expert parameters (gate_up_proj [E, 2I, H] gate rows first, down_proj [E, H, I]) in fp32
+    from the packed weights (exact bf16 values), with s B A added per expert and projection if merge_lora."""
+    gate, up, down = kt.weights.dequantize()
+    if merge_lora and kt.lora_rank:
+        s = kt.lora_alpha / kt.lora_rank
+        ga, gb, ua, ub, da, db = (getattr(kt, n).detach().float() for n in _LORA_NAMES)
+        gate.baddbmm_(gb, ga, alpha=s)
+        up.baddbmm_(ub, ua, alpha=s)
+        down.baddbmm_(db, da, alpha=s)
+    return {"gate_up_proj": torch.cat([gate, up], dim=1), "down_proj": down}
+
+
+def _experts_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict() of a patched experts module also holds its base weights under transformers' names, in bf16
+    (what the kernels hold): save_pretrained and any state_dict-based save write the real experts."""
+    kt = _kt_of(module)
+    tensors = _base_tensors(kt)
+    for name in kt.peft_param_order:
+        state_dict[prefix + name] = tensors[name].bfloat16()
+
+
+def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                  error_msgs) -> None:
+    """load_state_dict() of a patched experts module packs base weights found under transformers' names."""
+    found = {name: state_dict.pop(prefix + name) for name in _BASE_NAMES if prefix + name in state_dict}
+    if not found:  # a state dict with the LoRA alone
+        return
+    if len(found) == 1:
+        raise ValueError(f"state_dict: {prefix}{next(iter(found))} without {prefix}"
+                         f"{next(n for n in _BASE_NAMES if n not in found)}; the experts need both")
+    kt = _kt_of(module)
+    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], threads=kt._state.threads))
+
+
+def _check_experts_implementation(module, args) -> None:
+    """Forward pre-hook: a patched experts module has no torch weights for another implementation to use."""
+    impl = module.config._experts_implementation
+    if impl != EXPERTS_IMPLEMENTATION:
+        raise RuntimeError(f"experts_implementation='{impl}': patch_model moved this model's experts into "
+                           f"kt-functional; call kt_functional.hf.unpatch_model(model, merge_lora=...) to restore "
+                           f"the torch expert weights before switching to another experts implementation")
+
+
+_HOOKS = (_experts_state_dict_hook, _experts_load_state_dict_hook, _check_experts_implementation)
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    for hooks in (module._forward_pre_hooks, module._state_dict_hooks, module._load_state_dict_pre_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "hook", hook) in _HOOKS:  # load hooks are stored wrapped (hook.hook)
+                del hooks[key]
+
+
+class _SavePretrained:
+    """save_pretrained of a patched model (set on the model by patch_model).
+
+    Writes transformers' checkpoint with the base experts dequantized from the packed state (bf16, in the
+    checkpoint's original format, as the unpatched model saves them): from_pretrained loads it into the
+    unpatched model. The LoRA is left out of it and written as a PEFT adapter to
+    <save_directory>/kt_lora_adapter (hf.load_adapter after patch_model, or peft.PeftModel.from_pretrained on
+    the unpatched model). For the adapter alone, call kt_functional.hf.save_adapter(model, directory).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        model = self.model
+        if state_dict is None:
+            state_dict = model.state_dict()
+        lora_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, KTExperts)
+                     for p, _ in m.named_parameters(recurse=False)}
+        state_dict = {k: v for k, v in state_dict.items() if k not in lora_keys}
+        if is_main_process and any(kt.lora_rank for _, kt in kt_layers(model)):
+            save_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
+        return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
+                                           state_dict=state_dict, **kwargs)
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """dtype and device of the model's first floating-point parameter outside kt-functional's experts."""
+    kt_params = {id(p) for _, kt in kt_layers(model) for p in kt.parameters()}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in kt_params:
+            return p.dtype, p.device
+    return torch.bfloat16, torch.device("cpu")
+
+
+def unpatch_model(model: nn.Module, merge_lora: bool = False) -> nn.Module:
+    """Undoes patch_model: gives every patched experts module its torch weights back; returns the model.
+
+    gate_up_proj / down_proj become frozen nn.Parameters again, dequantized from the packed state (exact
+    bf16 values) in the dtype and on the device of the model's other parameters; with merge_lora=True each
+    expert's LoRA is merged into them (W + s B A for gate, up and down), else the LoRA is dropped. The
+    kt_experts children are removed and the experts implementation goes back to what it was before
+    patching (unless it was switched since), so every transformers implementation runs again.
+    """
+    if not isinstance(merge_lora, bool):
+        raise TypeError(f"merge_lora: expected a bool, got {merge_lora!r}")
+    layers = kt_layers(model)
+    if not layers:
+        raise ValueError("model: it has no kt-functional experts; nothing to unpatch")
+    for path, _ in layers:
+        if isinstance(model.get_submodule(path), KTExperts):
+            raise ValueError(f"model: {path} was replaced by a KTExperts (transformers without the experts "
+                             "interface); unpatch_model restores experts modules patched through that interface")
+    dtype, device = _model_dtype_device(model)
+    for path, kt in layers:
+        module = model.get_submodule(path)
+        tensors = _base_tensors(kt, merge_lora)
+        del module.kt_experts
+        _remove_hooks(module)
+        for name in kt.peft_param_order:
+            setattr(module, name, nn.Parameter(tensors.pop(name).to(dtype=dtype, device=device), requires_grad=False))
+        previous = module.__dict__.pop("_kt_previous_experts_implementation", None)
+        if module.config._experts_implementation == EXPERTS_IMPLEMENTATION:
+            module.config._experts_implementation = previous or "eager"
+    model.__dict__.pop("save_pretrained", None)
     return model
 
 
@@ -478,5 +626,5 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     return model
 
 
-__all__ = ["patch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin", "SUPPORTED_ARCHITECTURES",
-           "EXPERTS_IMPLEMENTATION"]
+__all__ = ["patch_model", "unpatch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin",
+           "SUPPORTED_ARCHITECTURES", "EXPERTS_IMPLEMENTATION", "ADAPTER_SUBDIR"]

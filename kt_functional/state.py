@@ -59,6 +59,17 @@ class ExpertWeights:
         """How the base weights are stored ("bf16")."""
         return "bf16"
 
+    # Immutable: copies share the packed weights. Pickling writes the bf16 values and repacks them on load.
+    def __copy__(self) -> "ExpertWeights":
+        return self
+
+    def __deepcopy__(self, memo) -> "ExpertWeights":
+        return self
+
+    def __reduce__(self):
+        gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
+        return _unpickle_expert_weights, (gate, up, down, self.backward_weights)
+
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
@@ -101,6 +112,10 @@ class ExpertWeights:
         I = gate_up.shape[1] // 2
         return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads,
                                 backward_weights=backward_weights)
+
+
+def _unpickle_expert_weights(gate, up, down, backward_weights: str) -> ExpertWeights:
+    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -237,6 +252,9 @@ class MoEState:
         object.__setattr__(self, "isa", isa)
         object.__setattr__(self, "_pool", _core.Pool(self.threads))
         object.__setattr__(self, "_token", object())
+
+    def __reduce__(self):  # the pool and cache token are per process and per state: made anew
+        return MoEState, (self.weights, self.lora, self.threads, self.isa)
 
     def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
         """Pointers of the LoRA tensors as they are now, and the tensors to keep alive meanwhile."""

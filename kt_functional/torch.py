@@ -174,13 +174,27 @@ def _backward(ctx, gy, _g_residuals):
 _moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
+    """fp16 / fp64 tensors as fp32 (exact for fp16): a differentiable cast, so their gradients come back in
+    their own dtype; the kernels take bf16 or fp32."""
+    return t if t.dtype in _KERNEL_DTYPES or not t.is_floating_point() else t.float()
+
+
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, layer: int,
                 lora: list[torch.Tensor] | tuple = (), alpha: float = 32.0) -> torch.Tensor:
-    """y = the expert layer registered as layer, differentiable in x, w and the LoRA tensors."""
-    lora = list(lora)
+    """y = the expert layer registered as layer, differentiable in x, w and the LoRA tensors.
+
+    y has x's dtype; fp16 (or fp64) x, w and LoRA are computed as fp32 ones (bf16 activations, fp32 LoRA math).
+    """
+    out_dtype = x.dtype
+    x, w = _kernel_dtype(x), _kernel_dtype(w)
+    lora = [_kernel_dtype(t) for t in lora]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *lora])
     y, _ = torch.ops.kt_functional.moe_forward(x, ids, w, lora, layer, float(alpha), save)
-    return y
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 class KTExperts(nn.Module):
@@ -208,9 +222,26 @@ class KTExperts(nn.Module):
         lora = LoRA.init(weights, rank=lora_rank, alpha=lora_alpha, seed=seed, dtype=lora_dtype)
         self.set_lora(lora.tensors(), lora_alpha)
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # A deep copy or an unpickled module holds a new MoEState: register it under its own layer id.
+        self._layer = register_layer(self._state)
+
+    def set_weights(self, weights: ExpertWeights) -> None:
+        """Replaces the packed base weights by weights of the same (E, H, I); the LoRA stays."""
+        if not isinstance(weights, ExpertWeights):
+            raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
+        dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+        if dims != (self.num_experts, self.hidden_size, self.intermediate_size):
+            raise ValueError(f"weights: expected (E, H, I) = {(self.num_experts, self.hidden_size, self.intermediate_size)}"
+                             f", got {dims}")
+        self._state = replace(self._state, weights=weights)
+        self._layer = register_layer(self._state)
+
     def set_lora(self, tensors: dict[str, torch.Tensor], alpha: float) -> None:
-        """Replaces the LoRA parameters (any rank in 1..128) by copies of tensors; validates them first."""
-        LoRA(**{name: tensors[name].detach() for name in _LORA_NAMES}, alpha=alpha)  # shape/dtype checks
+        """Replaces the LoRA parameters (any rank in 1..128) by copies of tensors (bf16, fp32, or fp16: computed
+        in fp32); validates them first."""
+        LoRA(**{name: _kernel_dtype(tensors[name].detach()) for name in _LORA_NAMES}, alpha=alpha)  # shape/dtype checks
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         if tuple(tensors["gate_a"].shape[::2]) != (E, H) or tensors["gate_b"].shape[1] != I:
             raise ValueError(f"tensors: LoRA for (E, H, I) = {(E, H, I)} expected, got gate_a "
