@@ -210,8 +210,8 @@ def main() -> None:
         hf.load_adapter(fresh, out)  # replaces the LoRA parameters: build any optimizer after this
     if args.train_router:
         print("(the routers were trained too: the adapter holds only the expert LoRA; save the routers yourself)")
-        fresh.load_state_dict({n: p for n, p in model.state_dict().items() if n.endswith("mlp.gate.weight")},
-                              strict=False)
+        fresh.load_state_dict({n: p.detach() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")},
+                              strict=False)  # named_parameters: state_dict() would also unpack every expert
     model.eval()
     fresh.eval()
     with torch.no_grad():
