@@ -40,10 +40,10 @@ inline float load_as_f32(const void* p, DType t, int64_t i) {
 void* allocate_bytes(size_t bytes);
 void free_bytes(void* p, size_t bytes);
 
-// The per-call workspaces of the macro-kernels are recycled instead: faulting in (and zeroing)
-// hundreds of MiB of fresh pages at every call cost as much as the GEMMs. Freed large workspaces
-// stay mapped in a cache of bounded size (KT_WORKSPACE_CACHE_MB, default 1024; 0 turns it off)
-// for the next call; *mapped returns the bytes actually mapped (what free_workspace needs back).
+// The per-call workspaces and forward caches of the macro-kernels are recycled instead: faulting
+// in (and zeroing) hundreds of MiB of fresh pages at every call cost as much as the GEMMs. Freed
+// large workspaces stay mapped in a cache of bounded size (KT_WORKSPACE_CACHE_MB, default 1024;
+// 0 turns it off) for the next call; *mapped returns the bytes mapped (free_workspace needs them).
 void* allocate_workspace(size_t bytes, size_t* mapped);
 void free_workspace(void* p, size_t mapped);
 // Unmaps every cached workspace; returns the bytes given back.

@@ -198,12 +198,12 @@ ForwardCache::ForwardCache(RoutingPlan p, int64_t H_, int64_t I_, int64_t rank_,
       H(H_),
       I(I_),
       rank(rank_),
-      x(keep ? size_t(plan.T * H_) : 0),
-      g(keep ? size_t(plan.routes * I_) : 0),
-      u(keep ? size_t(plan.routes * I_) : 0),
-      ag(size_t(plan.routes * rank_)),
-      au(size_t(plan.routes * rank_)),
-      ad(size_t(plan.routes * rank_)) {}
+      x(keep ? size_t(plan.T * H_) : 0, Memory::workspace),
+      g(keep ? size_t(plan.routes * I_) : 0, Memory::workspace),
+      u(keep ? size_t(plan.routes * I_) : 0, Memory::workspace),
+      ag(size_t(plan.routes * rank_), Memory::workspace),
+      au(size_t(plan.routes * rank_), Memory::workspace),
+      ad(size_t(plan.routes * rank_), Memory::workspace) {}
 
 size_t ForwardCache::nbytes() const {
   return x.bytes() + g.bytes() + u.bytes() + ag.bytes() + au.bytes() + ad.bytes() +

@@ -27,7 +27,8 @@ struct LoraView {
 };
 
 // Residuals of one forward call, sized by its T: x, the rounded gate/up pre-activations and
-// the LoRA intermediates (fp32), all indexed by route. Consumed by one backward.
+// the LoRA intermediates (fp32), all indexed by route. Consumed by one backward; its memory then
+// goes back to the workspace cache (bounded) for the next calls.
 struct ForwardCache {
   ForwardCache(RoutingPlan p, int64_t H, int64_t I, int64_t rank, bool keep);
   RoutingPlan plan;
