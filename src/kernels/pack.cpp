@@ -10,6 +10,8 @@ namespace {
 inline bf16 to_packed(float v) { return f32_to_bf16(v); }
 inline bf16 to_packed(bf16 v) { return v; }  // bf16 sources are copied bit for bit
 
+using word = uint32_t __attribute__((may_alias));  // a (k, k+1) pair of a panel row
+
 template <class T>
 void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
                 int64_t panel_step, bf16* dst) {
@@ -18,19 +20,24 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
     bf16* pd = dst + j * panel_step * panel_stride;
     const int64_t cols = std::min<int64_t>(kPanelCols, N - j * kPanelCols);
     const T* ps = src + j * kPanelCols * sn;
-    // Walk the source in its contiguous direction.
+    auto single_row = [&](int64_t k) {  // a row without its pair partner in this matrix
+      const int64_t kk = k + k_offset;
+      for (int64_t n = 0; n < cols; ++n) pd[(kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1)] = to_packed(ps[k * sk + n * sn]);
+    };
+    int64_t k0 = 0, k1 = K;
+    if (k_offset & 1) single_row(k0++);
+    if ((k1 - k0) & 1) single_row(--k1);
+    // Two source rows make one panel row of (k, k+1) words; walk the source in its contiguous direction.
+    auto pair = [&](int64_t k, int64_t n) {
+      return uint32_t(to_packed(ps[k * sk + n * sn])) | uint32_t(to_packed(ps[(k + 1) * sk + n * sn])) << 16;
+    };
+    word* rows = reinterpret_cast<word*>(pd) + ((k0 + k_offset) >> 1) * kPanelCols;
     if (sn == 1) {
-      for (int64_t k = 0; k < K; ++k) {
-        int64_t kk = k + k_offset;
-        bf16* row = pd + (kk >> 1) * 2 * kPanelCols + (kk & 1);
-        for (int64_t n = 0; n < cols; ++n) row[2 * n] = to_packed(ps[k * sk + n]);
-      }
+      for (int64_t k = k0; k < k1; k += 2, rows += kPanelCols)
+        for (int64_t n = 0; n < cols; ++n) rows[n] = pair(k, n);
     } else {
       for (int64_t n = 0; n < cols; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-          int64_t kk = k + k_offset;
-          pd[(kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1)] = to_packed(ps[k * sk + n * sn]);
-        }
+        for (int64_t k = k0, q = 0; k < k1; k += 2, ++q) rows[q * kPanelCols + n] = pair(k, n);
     }
   }
 }
