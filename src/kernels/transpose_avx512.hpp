@@ -65,8 +65,11 @@ void transpose_panels_avx512(const bf16* src, int64_t src_panel_distance, int64_
     const int64_t q0 = (k0 + j * kPanelCols) / 2;
     for (int64_t n = 0; n < src_cols && n < dst_rows; n += kPanelCols) {
       const int64_t prow = (dst_row0 + n) / 2;
-      transpose_unit(src + (n / kPanelCols) * src_panel_distance + q0 * 2 * kPanelCols, lo + prow * 2 * kPanelCols,
-                     hi + prow * 2 * kPanelCols, half);
+      const bf16* unit = src + (n / kPanelCols) * src_panel_distance + q0 * 2 * kPanelCols;
+      // The units are 1 KiB pieces of panels far apart: fetch the next one while this one is shuffled.
+      for (int line = 0; line < 16; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(unit + 2 * src_panel_distance) + 64 * line, _MM_HINT_T0);
+      transpose_unit(unit, lo + prow * 2 * kPanelCols, hi + prow * 2 * kPanelCols, half);
     }
     for (int64_t p = (dst_row0 + src_cols) / 2; p < (dst_row0 + dst_rows) / 2; ++p) {
       _mm512_store_si512(lo + p * 2 * kPanelCols, _mm512_setzero_si512());
