@@ -32,6 +32,7 @@ __all__ = [
     "eager_loop_moe",
     "grouped_mm_moe",
     "HAS_GROUPED_MM",
+    "dequantize_checkpoint",
 ]
 
 LORA_KEYS = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -422,3 +423,50 @@ class TorchLoRAExperts(torch.nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         lora = {name: getattr(self, name) for name in LORA_KEYS}
         return self.impl(hidden_states, top_k_index, top_k_weights, self.gate, self.up, self.down, lora, self.scale)
+
+
+# ---- Quantized base weights (MATH.md, "Quantized base weights") -------------------------------------------------
+# Written from MATH.md's table, independent of the kernels and of kt_functional.quant: each takes one
+# projection's checkpoint tensors stacked over experts and returns W [E, out, in] as code * scale in fp32,
+# so tests compare the kernels' decoded weights (ExpertWeights.dequantize(), bf16-rounded) with bf16(these).
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def dequantize_int8(codes, scales):
+    return codes.float() * scales.float()[..., None]
+
+
+def dequantize_fp8_block(codes, scale_inv, block=128):
+    out, inp = codes.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :out, :inp]
+    return codes.float() * s
+
+
+def dequantize_int4_group(weight_packed, weight_scale, inp, group=32):
+    words = weight_packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).flatten(-2)[..., :inp]
+    q = nibbles.float() - 8  # stored as q + 8
+    s = weight_scale.float().repeat_interleave(group, dim=-1)[..., :inp]
+    return q * s
+
+
+def dequantize_mxfp4(blocks, scales, inp):
+    lut = torch.tensor(_E2M1 + tuple(-v for v in _E2M1))
+    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=-1).flatten(-2).long()  # [..., G, 32]
+    values = lut[codes] * torch.exp2(scales.float() - 127)[..., None]
+    return values.flatten(-2)[..., :inp]
+
+
+def dequantize_checkpoint(storage, tensors, inp):
+    """W [E, out, in] fp32 of one projection's checkpoint tensors in `storage` (in: the input size)."""
+    codes, scales = tensors
+    if storage == "int8":
+        return dequantize_int8(codes, scales)
+    if storage == "fp8_block":
+        return dequantize_fp8_block(codes, scales)
+    if storage == "int4_group":
+        return dequantize_int4_group(codes, scales, inp)
+    if storage == "mxfp4":
+        return dequantize_mxfp4(codes, scales, inp)
+    raise ValueError(f"storage: unknown {storage!r}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _core
+from . import _core, quant
 from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_dtype
 
 MAX_LORA_RANK = 128
@@ -56,10 +56,11 @@ class ExpertWeights:
 
     @property
     def storage(self) -> str:
-        """How the base weights are stored ("bf16")."""
-        return "bf16"
+        """How the base weights are stored: one of "bf16", "int8", "fp8_block", "int4_group", "mxfp4"."""
+        return quant.STORAGES[self.packed.storage]
 
-    # Immutable: copies share the packed weights. Pickling writes the bf16 values and repacks them on load.
+    # Immutable: copies share the packed weights. Pickling writes the bf16 values (or a quantized storage's
+    # packed bytes) and repacks them on load.
     def __copy__(self) -> "ExpertWeights":
         return self
 
@@ -67,26 +68,40 @@ class ExpertWeights:
         return self
 
     def __reduce__(self):
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        if self.storage != "bf16":
+            return _unpickle_quantized, (E, H, I, self.packed.storage, self.packed.scale_type,
+                                         *self.packed.quantized_bytes())
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
         return _unpickle_expert_weights, (gate, up, down, self.backward_weights)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
+        """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by.
+
+        A quantized storage's kernels multiply by bf16(code * scale) (decoded to bf16 for the micro-kernels),
+        so these are those bf16-rounded values.
+        """
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         gate, up, down = torch.empty(E, I, H), torch.empty(E, I, H), torch.empty(E, H, I)
         self.packed.dequantize(gate.data_ptr(), up.data_ptr(), down.data_ptr())
         return gate, up, down
 
     @classmethod
-    def from_tensors(cls, gate, up, down, *, threads: int | None = None,
+    def from_tensors(cls, gate, up, down, *, storage: str = "bf16", threads: int | None = None,
                      backward_weights: str = "on_the_fly") -> "ExpertWeights":
         """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy.
 
+        storage: "bf16" packs the values as they are (fp32 rounded to bf16); "int8", "fp8_block",
+        "int4_group", "mxfp4" quantize them first (kt_functional.quant) and pack that format.
         One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
-        backward_weights="resident" also keeps the transposed layout (twice the memory).
+        backward_weights="resident" also keeps the transposed layout (twice the memory; bf16 only).
         """
         if backward_weights not in BACKWARD_WEIGHTS:
             raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
+        quant.check_storage(storage)
+        if storage != "bf16" and backward_weights != "on_the_fly":
+            raise ValueError(f"backward_weights: 'resident' keeps a transposed bf16 copy; storage={storage!r} "
+                             "decodes its operands on the fly only")
         gate = _expert_tensor(gate, "gate")
         up = _expert_tensor(up, "up")
         down = _expert_tensor(down, "down")
@@ -97,25 +112,63 @@ class ExpertWeights:
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
             raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
+        if storage != "bf16":
+            return cls.from_quantized(storage, quant.quantize(storage, gate), quant.quantize(storage, up),
+                                      quant.quantize(storage, down), threads=threads)
         pool = _core.Pool(threads or _default_threads())
         packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
                                      backward_weights == "resident")
         return cls(packed, E, H, I, backward_weights)
 
     @classmethod
-    def from_fused(cls, gate_up, down, *, threads: int | None = None,
+    def from_fused(cls, gate_up, down, *, storage: str = "bf16", threads: int | None = None,
                    backward_weights: str = "on_the_fly") -> "ExpertWeights":
         """transformers v5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
         gate_up = _expert_tensor(gate_up, "gate_up")
         if gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected shape [E, 2I, H] with an even middle size, got {list(gate_up.shape)}")
         I = gate_up.shape[1] // 2
-        return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads,
+        return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, storage=storage, threads=threads,
                                 backward_weights=backward_weights)
+
+    @classmethod
+    def from_quantized(cls, storage: str, gate, up, down, *, threads: int | None = None) -> "ExpertWeights":
+        """Packs a quantized checkpoint's experts as they are (no float copy). Each of gate / up / down is
+        the tuple of that projection's tensors stacked over experts (gate, up: out = I, in = H; down:
+        out = H, in = I):
+
+            "int8"        (weight int8 [E, out, in], scale fp32 [E, out])
+            "fp8_block"   (weight float8_e4m3fn [E, out, in], scale_inv fp32 [E, ceil(out/128), ceil(in/128)])
+            "int4_group"  (weight_packed int32 [E, out, ceil(in/8)], weight_scale bf16/fp16/fp32 [E, out, ceil(in/32)])
+            "mxfp4"       (blocks uint8 [E, out, ceil(in/32), 16], scales uint8 [E, out, ceil(in/32)])
+
+        Partial 128-blocks and 32-groups at the edges are allowed (the last block or group is shorter).
+        """
+        quant.check_storage(storage)
+        if storage == "bf16":
+            raise ValueError("storage: 'bf16' weights are packed with ExpertWeights.from_tensors")
+        E, H, I = quant.infer_dims(storage, gate, up, down)
+        g = quant.check_projection(storage, gate, "gate", E, I, H)
+        u = quant.check_projection(storage, up, "up", E, I, H)
+        d = quant.check_projection(storage, down, "down", E, H, I)
+        scale_dtypes = {g[1].dtype, u[1].dtype, d[1].dtype}
+        if storage == "int4_group" and len(scale_dtypes) > 1:  # one scale type per packed state
+            g, u, d = ((c, s.float()) for c, s in (g, u, d))
+        scale_type = quant.SCALE_TYPE_CODE.get(g[1].dtype, 0)
+        pool = _core.Pool(threads or _default_threads())
+        packed = _core.pack_quantized(E, H, I, quant.STORAGE_CODE[storage], scale_type,
+                                      tuple(t.data_ptr() for t in g), tuple(t.data_ptr() for t in u),
+                                      tuple(t.data_ptr() for t in d), pool)
+        return cls(packed, E, H, I)
 
 
 def _unpickle_expert_weights(gate, up, down, backward_weights: str) -> ExpertWeights:
     return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights)
+
+
+def _unpickle_quantized(E: int, H: int, I: int, storage: int, scale_type: int, gate_up: bytes,
+                        down: bytes) -> ExpertWeights:
+    return ExpertWeights(_core.restore_quantized(E, H, I, storage, scale_type, gate_up, down), E, H, I)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")

@@ -114,8 +114,9 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 }
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
-constexpr KernelSet make_kernel_set(Isa isa, int mr, GemmFn gemm, TransposePanelsFn transpose_panels) {
-  return KernelSet{isa,         mr,          gemm,        transpose_panels, swiglu_forward,
+constexpr KernelSet make_kernel_set(Isa isa, int mr, GemmFn gemm, TransposePanelsFn transpose_panels,
+                                   DecodePanelsFn decode_panels) {
+  return KernelSet{isa,           mr,          gemm,        transpose_panels, decode_panels, swiglu_forward,
                    swiglu_backward, rank_update, to_bf16_row, weighted_sum};
 }
 

@@ -36,11 +36,40 @@ using TransposePanelsFn = void (*)(const bf16* src, int64_t src_panel_distance, 
 void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
                               int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0, int64_t dst_rows);
 
+// One expert's B operand in a quantized storage, packed once in the bf16 panel order so that a
+// decoder streams it: panel p (16 columns, Kp rows) starts at data + p * panel_bytes with its codes
+// (8-bit formats: one byte per element, in the bf16 panel's element order; 4-bit formats: pair-row
+// q's 32 elements as 16 bytes, byte j = element j | element j + 16 << 4, so that the low nibbles
+// are the first half of the row), then at scale_offset its scales:
+//   int8        fp32 [16]                one per column (output row)
+//   fp8_block   fp32 [ceil(Kp/128)]      one per 128 rows (the panel's 16 columns share a block)
+//   int4_group  fp32 / bf16 [Kp/32][16]  one per (32 rows, column)
+//   mxfp4       E8M0 bytes [Kp/32][16]   as int4_group
+// Codes: int8 and int4 two's complement, fp8 e4m3fn, mxfp4 e2m1 (sign in the high bit).
+struct QuantPanels {
+  Storage storage;
+  ScaleType scale_type;
+  const uint8_t* data;
+  int64_t panel_bytes;
+  int64_t scale_offset;
+};
+
+// Operand maker of a quantized storage: pair-rows [q0, q0 + nq) of the panels first_panel,
+// first_panel + panel_step, ... (np of them) decoded to bf16 panels, the j-th at
+// dst + j * dst_panel_stride with pair-row q0 as its row 0. Every decoder rounds value * scale
+// (fp32) to nearest even bf16 with denormals flushed (as VCVTNE2PS2BF16), so all are bitwise equal.
+using DecodePanelsFn = void (*)(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
+                                int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride);
+// The portable one (pack.cpp, built without ISA flags).
+void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
+                           int64_t nq, bf16* dst, int64_t dst_panel_stride);
+
 struct KernelSet {
   Isa isa;
   int mr;  // rows of A per micro-kernel call
   GemmFn gemm;
   TransposePanelsFn transpose_panels;
+  DecodePanelsFn decode_panels;
   // h = silu(gate) * up as bf16; the pre-activations rounded to bf16 go to g/u when not null.
   void (*swiglu_forward)(const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h);
   // From dh_raw (unweighted) and the cached g/u: dg, du (bf16, routing weight w applied) and

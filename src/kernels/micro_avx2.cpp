@@ -2,6 +2,7 @@
 // Compiled with -mavx2 -mfma only; chosen at run time.
 #include <immintrin.h>
 
+#include "decode.hpp"
 #include "elementwise.hpp"
 
 namespace kt {
@@ -48,6 +49,6 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 
 }  // namespace
 
-extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, gemm, transpose_panels_generic);
+extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, gemm, transpose_panels_generic, decode_panels_portable);
 
 }  // namespace kt

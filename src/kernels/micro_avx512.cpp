@@ -2,6 +2,7 @@
 // 16 columns of B and accumulates in fp32. Compiled with AVX-512 F/BW/VL/BF16 flags only.
 #include <immintrin.h>
 
+#include "decode_avx512.hpp"
 #include "elementwise.hpp"
 #include "transpose_avx512.hpp"
 
@@ -59,6 +60,6 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 
 }  // namespace
 
-extern const KernelSet kAvx512Kernels = make_kernel_set(Isa::avx512, kMr, gemm, transpose_panels_avx512);
+extern const KernelSet kAvx512Kernels = make_kernel_set(Isa::avx512, kMr, gemm, transpose_panels_avx512, decode_panels_avx512);
 
 }  // namespace kt

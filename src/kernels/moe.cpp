@@ -230,11 +230,13 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     Buffer<bf16> xa, ha;            // A operands: gathered x, h (rows padded per expert)
     Buffer<bf16> coef_gu, coef_d;   // A operands of the LoRA expands: s [a_g | a_u], s a_d
     Buffer<float> o, scratch;
+    Buffer<bf16> operand;  // per worker: a decoded B operand of one (expert, column chunk), if the storage needs it
     ExpertBlocks blocks;
     std::unique_ptr<LoraPanels> lora;
-    int64_t scratch_per_thread;
+    int64_t scratch_per_thread, operand_per_thread;
   };
-  auto ws = std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0});
+  auto ws =
+      std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
   ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
@@ -248,6 +250,10 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, H});
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads), Memory::workspace);
+  ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::gate_up, kPanelsPerBlock),
+                                    weights->operand_buffer_elements(Gemm::down, kPanelsPerBlock));
+  if (ws->operand_per_thread)
+    ws->operand = Buffer<bf16>(size_t(ws->operand_per_thread * threads), Memory::workspace);
   if (cache_out) *cache_out = cache;
 
   const int64_t n_blocks = ws->blocks.size();
@@ -264,6 +270,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     const RoutingPlan& plan = c.plan;
     Workspace& w = *ws;
     float* scratch = w.scratch.data() + wk.tid() * w.scratch_per_thread;
+    bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
 
     // 1. Pack A (gather each expert's tokens), prepare the active experts' LoRA, cache x.
     wk.for_each(n_blocks + n_lora + x_chunks, [&](int64_t task) {
@@ -307,7 +314,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
       const PanelLayout& L = W.layout(Gemm::gate_up);
-      const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, nullptr);
+      const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, B, L, int(2 * pairs), scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: one more K step (r <= 16) on the same tiles
@@ -352,7 +359,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      const bf16* B = W.operand(Gemm::down, plan.active[slot], p0, np, ks, nullptr);
+      const bf16* B = W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.ha.data() + b.prow * Ip, Ip, b.rows, B, L, np, scratch, kColBlock);

@@ -1,7 +1,10 @@
 #include "pack.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <stdexcept>
 
+#include "decode.hpp"
 #include "pool.hpp"
 
 namespace kt {
@@ -42,7 +45,81 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
   }
 }
 
+constexpr int64_t kDecodeChunk = 16;  // source panels decoded at a time for a transposed operand
+
+bool four_bit(Storage s) { return s == Storage::int4_group || s == Storage::mxfp4; }
+
+// Bytes of one panel's codes and scales (QuantPanels) for Kp rows.
+int64_t code_bytes(Storage s, int64_t Kp) { return Kp * kPanelCols / (four_bit(s) ? 2 : 1); }
+int64_t scale_bytes(Storage s, ScaleType t, int64_t Kp) {
+  switch (s) {
+    case Storage::int8:
+      return kPanelCols * 4;
+    case Storage::fp8_block:
+      return ceil_div(Kp, 128) * 4;
+    case Storage::int4_group:
+      return Kp / 32 * kPanelCols * (t == ScaleType::f32 ? 4 : 2);
+    default:  // mxfp4
+      return Kp / 32 * kPanelCols;
+  }
+}
+
+// Code of W[o][k] of one expert's projection in the checkpoint's layout (QuantSource), as
+// QuantPanels stores it (int4: two's complement nibble).
+uint8_t source_code(Storage s, const void* codes, int64_t in, int64_t o, int64_t k) {
+  switch (s) {
+    case Storage::int4_group: {
+      const uint32_t word = static_cast<const uint32_t*>(codes)[o * ceil_div(in, 8) + k / 8];
+      return uint8_t(((word >> (4 * (k % 8))) & 0xf) ^ 8);  // stored as q + 8
+    }
+    case Storage::mxfp4: {
+      const uint8_t byte = static_cast<const uint8_t*>(codes)[(o * ceil_div(in, 32) + k / 32) * 16 + (k % 32) / 2];
+      return (byte >> (4 * (k & 1))) & 0xf;
+    }
+    default:
+      return static_cast<const uint8_t*>(codes)[o * in + k];
+  }
+}
+
+// Packs one expert's projection W [out][in] (B[k][n] = W[n][k]) into the quantized panels
+// first_panel, first_panel + panel_step, ... of `base` (zero-filled beforehand).
+void pack_quantized(Storage s, ScaleType t, const QuantSource& src, int64_t out, int64_t in, int64_t Kp,
+                    uint8_t* base, int64_t panel_bytes, int64_t scale_offset, int64_t first_panel, int64_t panel_step) {
+  const int64_t groups = ceil_div(in, 32), blocks = ceil_div(in, 128);
+  const size_t scale_size = t == ScaleType::f32 ? 4 : 2;
+  for (int64_t j = 0; j * kPanelCols < out; ++j) {
+    uint8_t* panel = base + (first_panel + j * panel_step) * panel_bytes;
+    uint8_t* scales = panel + scale_offset;
+    const int64_t o0 = j * kPanelCols, cols = std::min<int64_t>(kPanelCols, out - o0);
+    if (s == Storage::fp8_block)  // the panel's columns share one row of 128-blocks
+      std::memcpy(scales, static_cast<const float*>(src.scales) + (o0 / 128) * blocks, blocks * 4);
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t o = o0 + c;
+      for (int64_t k = 0; k < in; ++k) {
+        const uint8_t code = source_code(s, src.codes, in, o, k);
+        const int64_t pos = 2 * c + (k & 1), q = k >> 1;
+        if (four_bit(s))
+          panel[q * kPanelCols + (pos & 15)] |= uint8_t(code << (pos >= 16 ? 4 : 0));
+        else
+          panel[q * 2 * kPanelCols + pos] = code;
+      }
+      if (s == Storage::int8) {
+        std::memcpy(scales + c * 4, static_cast<const float*>(src.scales) + o, 4);
+      } else if (s == Storage::int4_group || s == Storage::mxfp4) {
+        const size_t size = s == Storage::mxfp4 ? 1 : scale_size;
+        const uint8_t* from = static_cast<const uint8_t*>(src.scales) + o * groups * size;
+        for (int64_t g = 0; g < groups; ++g) std::memcpy(scales + (g * kPanelCols + c) * size, from + g * size, size);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
+                           int64_t nq, bf16* dst, int64_t dst_panel_stride) {
+  decode_panels_portable(src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride);
+}
 
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
                  bf16* dst) {
@@ -117,7 +194,7 @@ PackedExperts::PackedExperts(int64_t E_, int64_t H_, int64_t I_, const Source& s
         const int64_t e = task / 2;
         const Gemm g = task % 2 ? Gemm::gate_up_t : Gemm::down_t;
         bf16* d = (g == Gemm::gate_up_t ? gate_up_t_ : down_t_).data() + e * layout(g).elements();
-        make_operand(g, e, 0, layout(g).panels, transpose_panels_generic, d);
+        make_operand(g, e, 0, layout(g).panels, transpose_panels_generic, decode_panels_generic, d);
       });
   });
   pool.run(job);
@@ -137,27 +214,134 @@ const bf16* PackedExperts::packed(Gemm g, int64_t e) const {
   }
 }
 
+void PackedExperts::init_quantized() {
+  for (int f = 0; f < 2; ++f) {
+    const int64_t Kp = layouts_[f].Kp;
+    scale_offset_[f] = code_bytes(storage, Kp);
+    panel_bytes_[f] = round_up(scale_offset_[f] + scale_bytes(storage, scale_type, Kp), 64);
+    quant_[f] = Buffer<uint8_t>(size_t(E * layouts_[f].panels * panel_bytes_[f]));
+  }
+}
+
+PackedExperts::PackedExperts(int64_t E_, int64_t H_, int64_t I_, const QuantizedSource& src, Pool& pool)
+    : E(E_),
+      H(H_),
+      I(I_),
+      Ip(round_up(I_, kKAlign)),
+      backward(BackwardWeights::on_the_fly),
+      storage(src.storage),
+      scale_type(src.scale_type),
+      layouts_{PanelLayout(H_, 2 * round_up(I_, kPanelCols)), PanelLayout(I_, H_), PanelLayout(H_, I_),
+               PanelLayout(2 * round_up(I_, kKAlign), H_)} {
+  init_quantized();
+  // Bytes of one expert's codes and scales in the checkpoint's layout (QuantSource).
+  auto expert = [&](const QuantSource& q, int64_t e, int64_t out, int64_t in) {
+    int64_t codes = out * in, scales = out * 4;
+    switch (storage) {
+      case Storage::fp8_block:
+        scales = ceil_div(out, 128) * ceil_div(in, 128) * 4;
+        break;
+      case Storage::int4_group:
+        codes = out * ceil_div(in, 8) * 4, scales = out * ceil_div(in, 32) * (scale_type == ScaleType::f32 ? 4 : 2);
+        break;
+      case Storage::mxfp4:
+        codes = out * ceil_div(in, 32) * 16, scales = out * ceil_div(in, 32);
+        break;
+      default:
+        break;
+    }
+    return QuantSource{static_cast<const uint8_t*>(q.codes) + e * codes, static_cast<const uint8_t*>(q.scales) + e * scales};
+  };
+  auto job = std::make_shared<Job>([&](Worker& w) {
+    w.for_each(E * 2, [&](int64_t task) {
+      const int64_t e = task / 2, f = task % 2;  // f: Gemm::gate_up or Gemm::down
+      const int64_t bytes = layouts_[f].panels * panel_bytes_[f];
+      uint8_t* d = quant_[f].data() + e * bytes;
+      std::fill(d, d + bytes, uint8_t(0));
+      const int64_t Kp = layouts_[f].Kp;
+      if (f == 0) {  // gate and up panels interleaved
+        pack_quantized(storage, scale_type, expert(src.gate, e, I, H), I, H, Kp, d, panel_bytes_[0], scale_offset_[0], 0, 2);
+        pack_quantized(storage, scale_type, expert(src.up, e, I, H), I, H, Kp, d, panel_bytes_[0], scale_offset_[0], 1, 2);
+      } else {
+        pack_quantized(storage, scale_type, expert(src.down, e, H, I), H, I, Kp, d, panel_bytes_[1], scale_offset_[1], 0, 1);
+      }
+    });
+  });
+  pool.run(job);
+}
+
+PackedExperts::PackedExperts(int64_t E_, int64_t H_, int64_t I_, Storage storage_, ScaleType scale_type_,
+                             const uint8_t* gate_up, size_t gate_up_bytes, const uint8_t* down, size_t down_bytes)
+    : E(E_),
+      H(H_),
+      I(I_),
+      Ip(round_up(I_, kKAlign)),
+      backward(BackwardWeights::on_the_fly),
+      storage(storage_),
+      scale_type(scale_type_),
+      layouts_{PanelLayout(H_, 2 * round_up(I_, kPanelCols)), PanelLayout(I_, H_), PanelLayout(H_, I_),
+               PanelLayout(2 * round_up(I_, kKAlign), H_)} {
+  init_quantized();
+  if (gate_up_bytes != quant_[0].bytes() || down_bytes != quant_[1].bytes())
+    throw std::invalid_argument("quantized bytes: sizes do not match the shapes and storage");
+  std::memcpy(quant_[0].data(), gate_up, quant_[0].bytes());
+  std::memcpy(quant_[1].data(), down, quant_[1].bytes());
+}
+
+QuantPanels PackedExperts::quant_panels(Gemm g, int64_t e) const {
+  const int f = int(g);
+  return QuantPanels{storage, scale_type, quant_[f].data() + e * layouts_[f].panels * panel_bytes_[f], panel_bytes_[f],
+                     scale_offset_[f]};
+}
+
+int64_t PackedExperts::operand_buffer_elements(Gemm g, int64_t np) const {
+  const bool forward = g == Gemm::gate_up || g == Gemm::down;
+  if (storage == Storage::bf16) return forward ? 0 : np * layout(g).panel_stride();
+  // a transposed operand also needs the decoded rows of kDecodeChunk source panels
+  return np * layout(g).panel_stride() + (forward ? 0 : kDecodeChunk * np * kPanelCols * kPanelCols);
+}
+
+void PackedExperts::transpose_from(Gemm f, int64_t e, int64_t first, int64_t step, int64_t n, int64_t k0,
+                                   int64_t kcount, TransposePanelsFn transpose, DecodePanelsFn decode, bf16* dst,
+                                   int64_t dst_panel_stride, int64_t row0, int64_t rows, bf16* scratch) const {
+  if (storage == Storage::bf16) {
+    const int64_t stride = layout(f).panel_stride();
+    transpose(packed(f, e) + first * stride, step * stride, n, k0, kcount, dst, dst_panel_stride, row0, rows);
+    return;
+  }
+  const QuantPanels q = quant_panels(f, e);
+  for (int64_t c = 0; c < n; c += kDecodeChunk) {
+    const int64_t m = std::min(kDecodeChunk, n - c);
+    decode(q, first + c * step, step, m, k0 / 2, kcount / 2, scratch, kcount * kPanelCols);
+    const int64_t done = c * kPanelCols;  // the last chunk also writes the padding rows
+    transpose(scratch, kcount * kPanelCols, m, 0, kcount, dst, dst_panel_stride, row0 + done,
+              c + m == n ? rows - done : m * kPanelCols);
+  }
+}
+
 void PackedExperts::make_operand(Gemm g, int64_t e, int64_t p0, int64_t np, TransposePanelsFn transpose,
-                                 bf16* dst) const {
+                                 DecodePanelsFn decode, bf16* dst) const {
   const PanelLayout& out = layout(g);
+  bf16* scratch = dst + np * out.panel_stride();
   if (g == Gemm::down_t) {  // columns i of dh = rows i of down's layout
-    const PanelLayout& src = layout(Gemm::down);
-    transpose(packed(Gemm::down, e), src.panel_stride(), src.panels, p0 * kPanelCols, np * kPanelCols, dst,
-              out.panel_stride(), 0, out.Kp);
+    transpose_from(Gemm::down, e, 0, 1, layout(Gemm::down).panels, p0 * kPanelCols, np * kPanelCols, transpose, decode,
+                   dst, out.panel_stride(), 0, out.Kp, scratch);
   } else {  // columns h of dx = rows h of gate_up's layout; gate rows [0, Ip), up rows [Ip, 2 Ip)
-    const PanelLayout& src = layout(Gemm::gate_up);
-    const bf16* gate = packed(Gemm::gate_up, e);
     for (int half = 0; half < 2; ++half)
-      transpose(gate + half * src.panel_stride(), 2 * src.panel_stride(), src.panels / 2, p0 * kPanelCols,
-                np * kPanelCols, dst, out.panel_stride(), half * Ip, Ip);
+      transpose_from(Gemm::gate_up, e, half, 2, layout(Gemm::gate_up).panels / 2, p0 * kPanelCols, np * kPanelCols,
+                     transpose, decode, dst, out.panel_stride(), half * Ip, Ip, scratch);
   }
 }
 
 const bf16* PackedExperts::operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks,
                                    bf16* buffer) const {
-  const bool on_the_fly = (g == Gemm::down_t || g == Gemm::gate_up_t) && backward == BackwardWeights::on_the_fly;
-  if (!on_the_fly) return packed(g, e) + p0 * layout(g).panel_stride();
-  make_operand(g, e, p0, np, ks.transpose_panels, buffer);
+  const bool forward = g == Gemm::gate_up || g == Gemm::down;
+  if (forward && storage != Storage::bf16) {
+    ks.decode_panels(quant_panels(g, e), p0, 1, np, 0, layout(g).Kp / 2, buffer, layout(g).panel_stride());
+    return buffer;
+  }
+  if (forward || backward == BackwardWeights::resident) return packed(g, e) + p0 * layout(g).panel_stride();
+  make_operand(g, e, p0, np, ks.transpose_panels, ks.decode_panels, buffer);
   return buffer;
 }
 
@@ -166,14 +350,22 @@ void PackedExperts::dequantize(int64_t e, float* gate, float* up, float* down) c
     return bf16_to_f32(panels[(n / kPanelCols) * panel_distance + (k >> 1) * 2 * kPanelCols + (n % kPanelCols) * 2 +
                               (k & 1)]);
   };
-  const bf16* gu = packed(Gemm::gate_up, e);
+  Buffer<bf16> decoded;
+  auto forward = [&](Gemm g) -> const bf16* {  // expert e's bf16 forward layout, decoded if quantized
+    if (storage == Storage::bf16) return packed(g, e);
+    const PanelLayout& L = layout(g);
+    decoded = Buffer<bf16>(size_t(L.elements()));
+    decode_panels_generic(quant_panels(g, e), 0, 1, L.panels, 0, L.Kp / 2, decoded.data(), L.panel_stride());
+    return decoded.data();
+  };
+  const bf16* gu = forward(Gemm::gate_up);
   const int64_t gu_stride = layout(Gemm::gate_up).panel_stride();
   for (int64_t i = 0; i < I; ++i)
     for (int64_t h = 0; h < H; ++h) {
       gate[i * H + h] = at(gu, 2 * gu_stride, h, i);
       up[i * H + h] = at(gu + gu_stride, 2 * gu_stride, h, i);
     }
-  const bf16* d = packed(Gemm::down, e);
+  const bf16* d = forward(Gemm::down);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t i = 0; i < I; ++i) down[h * I + i] = at(d, layout(Gemm::down).panel_stride(), i, h);
 }

@@ -1,7 +1,9 @@
 // Packing: the once-per-state conversion of expert weights into VNNI panels (the B operand of
-// every micro-kernel, and exactly an AMX B tile per 16 pair-rows), and the operand makers that
-// hand the macro-kernels one (expert, column block) of B: a pointer into the packed forward
-// layout, or that layout transposed on the fly for the backward GEMMs. One packed copy only.
+// every micro-kernel, and exactly an AMX B tile per 16 pair-rows) or into a quantized storage's
+// panels (codes in the same order, scales beside: QuantPanels), and the operand makers that hand
+// the macro-kernels one (expert, column block) of B: a pointer into the packed bf16 forward
+// layout, or bf16 panels made into a per-worker buffer (decoded, transposed for the backward
+// GEMMs, or both). One packed copy only.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -46,6 +48,18 @@ enum class Gemm : int { gate_up = 0, down = 1, down_t = 2, gate_up_t = 3 };
 // per-worker buffer (one packed copy), or kept transposed in memory (twice the memory).
 enum class BackwardWeights : int { on_the_fly = 0, resident = 1 };
 
+// One projection W [out][in] of a quantized checkpoint, stacked over experts, contiguous:
+//   int8        codes int8 [E][out][in]                  scales fp32 [E][out]
+//   fp8_block   codes e4m3fn [E][out][in]                scales fp32 [E][ceil(out/128)][ceil(in/128)]
+//   int4_group  codes int32 [E][out][ceil(in/8)]         scales fp32 or bf16 [E][out][ceil(in/32)]
+//               (compressed-tensors' pack-quantized: element i as q + 8 in bits 4 (i % 8) of word i / 8)
+//   mxfp4       codes uint8 [E][out][ceil(in/32)][16]    scales E8M0 uint8 [E][out][ceil(in/32)]
+//               (two e2m1 codes a byte, the lower index in the low nibble)
+struct QuantSource {
+  const void* codes;
+  const void* scales;
+};
+
 // The frozen base weights of E experts, packed once in the forward layouts.
 class PackedExperts {
  public:
@@ -59,27 +73,56 @@ class PackedExperts {
   };
   PackedExperts(int64_t E, int64_t H, int64_t I, const Source& src, Pool& pool,
                 BackwardWeights backward = BackwardWeights::on_the_fly);
+  struct QuantizedSource {
+    Storage storage;
+    ScaleType scale_type;  // int4_group's scales; the other formats have one scale type
+    QuantSource gate, up, down;
+  };
+  PackedExperts(int64_t E, int64_t H, int64_t I, const QuantizedSource& src, Pool& pool);
 
   int64_t E, H, I, Ip;
   BackwardWeights backward;
+  Storage storage = Storage::bf16;
+  ScaleType scale_type = ScaleType::f32;
   const PanelLayout& layout(Gemm g) const { return layouts_[int(g)]; }
 
-  // Panels [p0, p0 + np) of expert e's B operand for GEMM g. Forward GEMMs (and resident
-  // backward ones) point into the packed weights; otherwise the panels are transposed into
-  // `buffer` (operand_buffer_elements(g, np) elements) with the kernels' transpose_panels.
+  // Panels [p0, p0 + np) of expert e's B operand for GEMM g. bf16 forward GEMMs (and resident
+  // backward ones) point into the packed weights; otherwise the panels are made in `buffer`
+  // (operand_buffer_elements(g, np) elements; none needed where it is 0) with the kernels'
+  // decode_panels and transpose_panels.
   const bf16* operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks, bf16* buffer) const;
-  int64_t operand_buffer_elements(Gemm g, int64_t np) const { return np * layout(g).panel_stride(); }
+  int64_t operand_buffer_elements(Gemm g, int64_t np) const;
 
   // Expert e's weights as the kernels multiply them, fp32: gate, up [I][H], down [H][I].
   void dequantize(int64_t e, float* gate, float* up, float* down) const;
-  size_t nbytes() const { return gate_up_.bytes() + down_.bytes() + gate_up_t_.bytes() + down_t_.bytes(); }
+  size_t nbytes() const {
+    return gate_up_.bytes() + down_.bytes() + gate_up_t_.bytes() + down_t_.bytes() + quant_[0].bytes() +
+           quant_[1].bytes();
+  }
+  // A quantized storage's packed bytes of forward GEMM g (gate_up or down), for serialisation.
+  const Buffer<uint8_t>& quantized(Gemm g) const { return quant_[int(g)]; }
+  // Restores a quantized storage from those bytes (the same shapes, storage and scale type);
+  // throws std::invalid_argument if their sizes do not match.
+  PackedExperts(int64_t E, int64_t H, int64_t I, Storage storage, ScaleType scale_type, const uint8_t* gate_up,
+                size_t gate_up_bytes, const uint8_t* down, size_t down_bytes);
 
  private:
   const bf16* packed(Gemm g, int64_t e) const;
-  void make_operand(Gemm g, int64_t e, int64_t p0, int64_t np, TransposePanelsFn transpose, bf16* dst) const;
+  QuantPanels quant_panels(Gemm g, int64_t e) const;
+  void init_quantized();
+  // Rows [k0, k0 + kcount) of the source panels first, first + step, ... (n of them) of forward GEMM
+  // f, transposed into rows [row0, row0 + rows) of dst's panels; quantized panels are decoded
+  // into `scratch` a chunk at a time first.
+  void transpose_from(Gemm f, int64_t e, int64_t first, int64_t step, int64_t n, int64_t k0, int64_t kcount,
+                      TransposePanelsFn transpose, DecodePanelsFn decode, bf16* dst, int64_t dst_panel_stride,
+                      int64_t row0, int64_t rows, bf16* scratch) const;
+  void make_operand(Gemm g, int64_t e, int64_t p0, int64_t np, TransposePanelsFn transpose, DecodePanelsFn decode,
+                    bf16* dst) const;
   PanelLayout layouts_[4];
-  Buffer<bf16> gate_up_, down_;       // forward layouts
+  Buffer<bf16> gate_up_, down_;       // forward layouts (bf16)
   Buffer<bf16> gate_up_t_, down_t_;   // resident backward layouts (BackwardWeights::resident only)
+  Buffer<uint8_t> quant_[2];          // forward layouts of a quantized storage (QuantPanels), by Gemm
+  int64_t panel_bytes_[2] = {}, scale_offset_[2] = {};
 };
 
 }  // namespace kt

@@ -79,11 +79,12 @@ cdef kt.Tensor3 _tensor3(tuple spec):
 
 cdef class PackedExperts:
     """Expert weights packed once into VNNI panels (the forward layouts; the backward's operands are
-    transposed from them per block, or kept transposed when backward_resident)."""
+    transposed from them per block, or kept transposed when backward_resident), or into a quantized
+    storage's panels (pack_quantized, restore_quantized)."""
     cdef shared_ptr[const kt.PackedExperts] ptr
 
-    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool,
-                  bint backward_resident=False):
+    def __init__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool,
+                 bint backward_resident=False):
         cdef kt.ExpertSource src
         src.gate = _tensor3(gate)
         src.up = _tensor3(up)
@@ -97,6 +98,22 @@ cdef class PackedExperts:
     def nbytes(self):
         return self.ptr.get().nbytes()
 
+    @property
+    def storage(self):
+        """Storage code (kt::Storage: 0 bf16, 1 int8, 2 fp8_block, 3 int4_group, 4 mxfp4)."""
+        return <int>self.ptr.get().storage
+
+    @property
+    def scale_type(self):
+        return <int>self.ptr.get().scale_type
+
+    def quantized_bytes(self):
+        """A quantized storage's packed bytes (gate_up, down), copied: what restore_quantized takes."""
+        cdef const kt.PackedExperts* w = self.ptr.get()
+        cdef const kt.ByteBuffer* gu = &w.quantized(kt.Gemm.gate_up)
+        cdef const kt.ByteBuffer* d = &w.quantized(kt.Gemm.down)
+        return (<const char*>gu.data())[:gu.bytes()], (<const char*>d.data())[:d.bytes()]
+
     def dequantize(self, uintptr_t gate, uintptr_t up, uintptr_t down):
         """Writes the weights the kernels multiply by, fp32: gate, up [E][I][H], down [E][H][I] (contiguous)."""
         cdef const kt.PackedExperts* w = self.ptr.get()
@@ -105,6 +122,40 @@ cdef class PackedExperts:
         with nogil:
             for e in range(w.E):
                 w.dequantize(e, <float*>gate + e * n, <float*>up + e * n, <float*>down + e * n)
+
+
+cdef kt.QuantSource _quant_source(tuple spec):
+    # spec = (codes pointer, scales pointer) of contiguous checkpoint tensors (pack.hpp, QuantSource)
+    cdef kt.QuantSource q
+    q.codes = <const void*><uintptr_t>spec[0]
+    q.scales = <const void*><uintptr_t>spec[1]
+    return q
+
+
+def pack_quantized(int64_t E, int64_t H, int64_t I, int storage, int scale_type, tuple gate, tuple up, tuple down,
+                   Pool pool):
+    """Packs a quantized checkpoint's gate, up, down (codes, scales pointers; pack.hpp's QuantSource layouts)."""
+    cdef kt.QuantizedSource src
+    src.storage = <kt.Storage>storage
+    src.scale_type = <kt.ScaleType>scale_type
+    src.gate = _quant_source(gate)
+    src.up = _quant_source(up)
+    src.down = _quant_source(down)
+    cdef kt.Pool* p = pool.ptr.get()
+    cdef PackedExperts out = PackedExperts.__new__(PackedExperts)
+    with nogil:
+        out.ptr = <shared_ptr[const kt.PackedExperts]>make_shared[kt.PackedExperts](E, H, I, src, p[0])
+    return out
+
+
+def restore_quantized(int64_t E, int64_t H, int64_t I, int storage, int scale_type, bytes gate_up, bytes down):
+    """The PackedExperts whose quantized_bytes() were (gate_up, down)."""
+    cdef PackedExperts out = PackedExperts.__new__(PackedExperts)
+    cdef const unsigned char* gu = gate_up
+    cdef const unsigned char* d = down
+    out.ptr = <shared_ptr[const kt.PackedExperts]>make_shared[kt.PackedExperts](
+        E, H, I, <kt.Storage>storage, <kt.ScaleType>scale_type, gu, len(gate_up), d, len(down))
+    return out
 
 
 def amx_emulator_counters():

@@ -11,6 +11,12 @@ cdef extern from "types.hpp" namespace "kt":
         f32
         bf16
 
+    cdef enum class Storage(int):
+        pass
+
+    cdef enum class ScaleType(int):
+        pass
+
 
 cdef extern from "cpu.hpp" namespace "kt":
     cdef enum class Isa(int):
@@ -54,7 +60,26 @@ cdef extern from "pool.hpp" namespace "kt":
     shared_ptr[Pool] shared_pool "kt::Pool::shared"(int) except +
 
 
+cdef extern from "common.hpp" namespace "kt":
+    cdef cppclass ByteBuffer "kt::Buffer<uint8_t>":
+        const unsigned char* data()
+        size_t bytes()
+
+
 cdef extern from "pack.hpp" namespace "kt":
+    cdef enum class Gemm(int):
+        gate_up
+        down
+
+    cdef cppclass QuantSource:
+        const void* codes
+        const void* scales
+
+    cdef cppclass QuantizedSource "kt::PackedExperts::QuantizedSource":
+        Storage storage
+        ScaleType scale_type
+        QuantSource gate, up, down
+
     cdef cppclass Tensor3 "kt::PackedExperts::Tensor3":
         const void* data
         DType dtype
@@ -69,8 +94,14 @@ cdef extern from "pack.hpp" namespace "kt":
 
     cdef cppclass PackedExperts:
         PackedExperts(int64_t, int64_t, int64_t, const ExpertSource&, Pool&, BackwardWeights) except +
+        PackedExperts(int64_t, int64_t, int64_t, const QuantizedSource&, Pool&) except +
+        PackedExperts(int64_t, int64_t, int64_t, Storage, ScaleType, const unsigned char*, size_t,
+                      const unsigned char*, size_t) except +
         int64_t E, H, I
+        Storage storage
+        ScaleType scale_type
         size_t nbytes()
+        const ByteBuffer& quantized(Gemm)
         void dequantize(int64_t, float*, float*, float*) nogil
 
 
