@@ -1,0 +1,241 @@
+"""Quantized base weights (MATH.md, "Quantized base weights"): int8, fp8_block, int4_group, mxfp4.
+
+- dequantize() is bf16(code * scale) of an independent reference dequantizer (kt_functional.reference),
+  at shapes with partial 128-blocks and 32-groups;
+- forward and backward on every ISA path match the fp32 reference run on dequantize()'d weights
+  (MATH.md tolerances), and are bitwise equal to a bf16 state packed from those same values (so the
+  decoders hand the micro-kernels exactly what dequantize() reports);
+- checkpoint layouts as their own libraries write them: compressed-tensors' pack-quantized; the
+  FP8 and MXFP4 dequantization of transformers as a cross-check;
+- nbytes, errors, pickling, the torch adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from helpers import (
+    TOL,
+    assert_matches_reference,
+    fwd_bwd,
+    grads_dict,
+    ktf,
+    make_gy,
+    make_lora,
+    make_problem,
+    ref,
+    reference,
+    rel_err,
+)
+
+QUANTIZED = ("int8", "fp8_block", "int4_group", "mxfp4")
+
+# H, I not multiples of 128 or 32 (partial fp8 blocks and 4-bit groups); T = 1; idle experts; -1 slots.
+CASES = {
+    "awkward": dict(E=5, H=200, I=72, k=3, T=23, r=3, unused_frac=0.2, all_unused_tokens=(4,)),
+    "T1_idle": dict(E=6, H=136, I=40, k=2, T=1, r=4),
+    "wide": dict(E=4, H=264, I=160, k=2, T=70, r=8, idle_experts=1),
+}
+
+
+def quantized_weights(prob, storage):
+    return ktf().ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, storage=storage)
+
+
+def checkpoint(storage, prob):
+    """The problem's projections in `storage`'s checkpoint layout (kt_functional.quant's quantizers)."""
+    from kt_functional import quant
+
+    return tuple(quant.quantize(storage, t) for t in (prob.gate, prob.up, prob.down))
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_dequantize_matches_reference_decoder(storage):
+    prob = make_problem(**CASES["awkward"], seed=7)
+    gate, up, down = checkpoint(storage, prob)
+    w = ktf().ExpertWeights.from_quantized(storage, gate, up, down)
+    assert w.storage == storage
+    H, I = prob.H, prob.I
+    for name, mine, tensors, inp in (("gate", w.dequantize()[0], gate, H), ("up", w.dequantize()[1], up, H),
+                                     ("down", w.dequantize()[2], down, I)):
+        expected = ref.dequantize_checkpoint(storage, tensors, inp).bfloat16().float()
+        assert mine.dtype == torch.float32 and mine.shape == expected.shape, name
+        assert torch.equal(mine, expected), f"{storage} {name}: max diff {(mine - expected).abs().max()}"
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_match_reference(isa, storage, case):
+    prob = make_problem(**CASES[case], seed=11 + list(CASES).index(case))
+    weights = quantized_weights(prob, storage)
+    gate, up, down = weights.dequantize()
+    gy = make_gy(prob)
+    state = ktf().MoEState(weights, make_lora(prob), threads=2, isa=isa)
+    y, grads = fwd_bwd(state, prob.x, prob.ids, prob.w, gy)
+    y_ref, g_ref = reference(prob, gy=gy, gate=gate, up=up, down=down)
+    assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/{storage}/{case}]")
+    # The decoded operands are exactly the bf16 values dequantize() reports: a bf16 state packed from
+    # them gives bitwise the same outputs (forward GEMMs and both transposed backward GEMMs).
+    twin = ktf().MoEState(ktf().ExpertWeights.from_tensors(gate, up, down), make_lora(prob), threads=2, isa=isa)
+    y2, grads2 = fwd_bwd(twin, prob.x, prob.ids, prob.w, gy)
+    assert torch.equal(y, y2), f"[{isa}/{storage}/{case}] y differs from the bf16 twin"
+    for name, t in grads_dict(grads).items():
+        assert torch.equal(t, grads_dict(grads2)[name]), f"[{isa}/{storage}/{case}] grads.{name} differs"
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_no_lora_forward_without_cache(isa, storage):
+    prob = make_problem(E=3, H=96, I=40, k=2, T=9, r=2, seed=3)
+    weights = quantized_weights(prob, storage)
+    y, cache = ktf().moe_forward(ktf().MoEState(weights, None, isa=isa), prob.x, prob.ids, prob.w,
+                                 save_for_backward=False)
+    gate, up, down = weights.dequantize()
+    y_ref, _ = reference(prob, lora=None, gate=gate, up=up, down=down)
+    assert cache is None and rel_err(y, y_ref) <= TOL
+
+
+# Quantization error of from_tensors(storage=) vs the bf16 weights (Gaussian weights, relative Frobenius
+# norm): what each format costs; the bounds are these formats' usual errors with some margin.
+EXPECTED_ERROR = {"int8": 0.01, "fp8_block": 0.04, "int4_group": 0.12, "mxfp4": 0.15}
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_from_tensors_error_vs_bf16(storage):
+    prob = make_problem(E=4, H=256, I=128, k=2, T=4, r=2, seed=5)
+    deq = quantized_weights(prob, storage).dequantize()
+    errs = [rel_err(d, w.float()) for d, w in zip(deq, (prob.gate, prob.up, prob.down))]
+    print(f"{storage}: relative error vs bf16 weights gate/up/down = {[round(e, 4) for e in errs]}")
+    assert max(errs) <= EXPECTED_ERROR[storage] and min(errs) > 0
+
+
+def format_bytes(storage, E, out, inp):
+    """Bytes of one projection in `storage` at its padded size (out to 16, in to 32) : values + scales."""
+    out, inp = math.ceil(out / 16) * 16, math.ceil(inp / 32) * 32
+    values = E * out * inp * (0.5 if storage in ("int4_group", "mxfp4") else 1)
+    scales = {"int8": E * out * 4, "fp8_block": E * math.ceil(out / 128) * math.ceil(inp / 128) * 4,
+              "int4_group": E * out * inp / 32 * 2, "mxfp4": E * out * inp / 32}[storage]
+    return values + scales
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_nbytes_is_the_formats_bytes(storage):
+    E, H, I = 4, 1024, 384
+    prob = make_problem(E=E, H=H, I=I, k=1, T=1, r=1, seed=1)
+    w = quantized_weights(prob, storage)
+    expected = 2 * format_bytes(storage, E, I, H) + format_bytes(storage, E, H, I)
+    assert abs(w.nbytes - expected) <= 0.03 * expected, (w.nbytes, expected)
+    bf16 = ktf().ExpertWeights.from_tensors(prob.gate, prob.up, prob.down).nbytes
+    assert w.nbytes < (0.53 if storage in ("int8", "fp8_block") else 0.3) * bf16
+
+
+def test_pickle_and_copy_keep_the_packed_codes():
+    import copy
+
+    prob = make_problem(E=3, H=100, I=40, k=2, T=5, r=2, seed=2)
+    for storage in QUANTIZED:
+        w = quantized_weights(prob, storage)
+        back = pickle.loads(pickle.dumps(w))
+        assert back.storage == storage and back.nbytes == w.nbytes
+        for a, b in zip(w.dequantize(), back.dequantize()):
+            assert torch.equal(a, b)
+        assert copy.deepcopy(w) is w
+
+
+# ---- checkpoint layouts written by the formats' own libraries ---------------------------------------------------
+
+def test_compressed_tensors_pack_quantized():
+    """int4_group from compressed-tensors' own quantize + pack_to_int32 (pack-quantized, group 32, symmetric)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    E, H, I = 3, 224, 96  # compressed-tensors needs in % group_size == 0; not multiples of 128
+    gen = torch.Generator().manual_seed(0)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+
+    def projection(out, inp):
+        w = torch.randn(E, out, inp, generator=gen).bfloat16()
+        groups = torch.nn.functional.pad(w.float(), (0, -inp % 32)).reshape(E, out, -1, 32)
+        scale = (groups.abs().amax(-1) / 7.5).bfloat16()
+        packed = torch.stack([pack_to_int32(quantize(w[e], scale[e], None, args, dtype=torch.int8), 4)
+                              for e in range(E)])
+        q = torch.stack([unpack_from_int32(packed[e], 4, torch.Size([out, inp])) for e in range(E)])
+        return (packed, scale), q.float() * scale.float().repeat_interleave(32, -1)[..., :inp]
+
+    (gate, g_ct), (up, u_ct), (down, d_ct) = projection(I, H), projection(I, H), projection(H, I)
+    w = ktf().ExpertWeights.from_quantized("int4_group", gate, up, down)
+    for mine, theirs in zip(w.dequantize(), (g_ct, u_ct, d_ct)):
+        assert torch.equal(mine, theirs.bfloat16().float())
+    # our quantizer writes the same int32 words as compressed-tensors for the same integers
+    from kt_functional.quant import pack_int4
+
+    q = torch.randint(-8, 8, (2, 5, 44), generator=gen, dtype=torch.int8)
+    assert torch.equal(pack_int4(q), torch.stack([pack_to_int32(q[e], 4) for e in range(2)]))
+
+
+def test_transformers_fp8_dequantization_agrees():
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    prob = make_problem(E=2, H=300, I=136, k=1, T=1, r=1, seed=4)  # partial 128-blocks both ways
+    gate, up, down = checkpoint("fp8_block", prob)
+    w = ktf().ExpertWeights.from_quantized("fp8_block", gate, up, down)
+    for mine, (codes, scale_inv) in zip(w.dequantize(), (gate, up, down)):
+        theirs = _dequantize_fp8_weight(codes.clone(), scale_inv, [128, 128], torch.float32)
+        assert torch.equal(mine, theirs.bfloat16().float())
+
+
+def test_transformers_mxfp4_dequantization_agrees():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    prob = make_problem(E=2, H=128, I=96, k=1, T=1, r=1, seed=6)
+    gate, up, down = checkpoint("mxfp4", prob)
+    w = ktf().ExpertWeights.from_quantized("mxfp4", gate, up, down)
+    for mine, (blocks, scales) in zip(w.dequantize(), (gate, up, down)):
+        theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # -> [E, out, in]
+        assert torch.equal(mine, theirs.bfloat16().float())
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+def test_errors_name_the_argument():
+    K = ktf()
+    prob = make_problem(E=2, H=64, I=40, k=1, T=1, r=1, seed=0)
+    gate, up, down = checkpoint("int8", prob)
+    with pytest.raises(ValueError, match="storage"):
+        K.ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, storage="int3")
+    with pytest.raises(ValueError, match="storage"):
+        K.ExpertWeights.from_quantized("bf16", gate, up, down)
+    with pytest.raises(ValueError, match="backward_weights"):
+        K.ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, storage="int8", backward_weights="resident")
+    with pytest.raises(TypeError, match=r"up\[0\].*int8"):
+        K.ExpertWeights.from_quantized("int8", gate, (up[0].float(), up[1]), down)
+    with pytest.raises(TypeError, match="down"):
+        K.ExpertWeights.from_quantized("int8", gate, up, down[0])
+    with pytest.raises(ValueError, match=r"up\[1\].*shape"):
+        K.ExpertWeights.from_quantized("int8", gate, (up[0], up[1][:, :-1]), down)
+    with pytest.raises(ValueError, match=r"gate\[1\].*finite"):
+        bad = gate[1].clone()
+        bad[0, 3] = float("inf")
+        K.ExpertWeights.from_quantized("int8", (gate[0], bad), up, down)
+    fp8 = checkpoint("fp8_block", prob)
+    with pytest.raises(ValueError, match=r"down\[1\].*finite"):
+        K.ExpertWeights.from_quantized("fp8_block", *fp8[:2], (fp8[2][0], torch.full_like(fp8[2][1], float("nan"))))
+    with pytest.raises(ValueError, match=r"gate\[0\].*NaN"):
+        codes = fp8[0][0].clone()
+        codes.view(torch.uint8)[0, 0, 0] = 0x7F
+        K.ExpertWeights.from_quantized("fp8_block", (codes, fp8[0][1]), *fp8[1:])
+    mx = checkpoint("mxfp4", prob)
+    with pytest.raises(ValueError, match=r"up\[1\].*255"):
+        K.ExpertWeights.from_quantized("mxfp4", mx[0], (mx[1][0], torch.full_like(mx[1][1], 255)), mx[2])
+    with pytest.raises(TypeError, match=r"gate\[1\].*uint8"):
+        K.ExpertWeights.from_quantized("mxfp4", (mx[0][0], mx[0][1].float()), *mx[1:])
+    i4 = checkpoint("int4_group", prob)
+    # an `in` the packed words cannot hold: gate's words must be ceil(H / 8) = 8 per row
+    with pytest.raises(ValueError, match=r"gate\[0\].*shape"):
+        K.ExpertWeights.from_quantized("int4_group", (i4[0][0][..., :7], i4[0][1]), *i4[1:])
+    with pytest.raises(TypeError, match=r"gate\[1\]"):
+        K.ExpertWeights.from_quantized("int4_group", (i4[0][0], i4[0][1].to(torch.int32)), *i4[1:])
