@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import quant
 from .state import _LORA_NAMES, ExpertWeights, _default_threads
 from .torch import KTExperts
 
@@ -41,8 +42,11 @@ SUPPORTED_ARCHITECTURES = {
 
 # Checkpoint keys: v5 fused (`...experts.gate_up_proj`) or one Linear per expert and projection.
 _LAYER = r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\."
-_FUSED_KEY = re.compile(_LAYER + r"(?P<proj>gate_up_proj|down_proj)$")
-_PER_EXPERT_KEY = re.compile(_LAYER + r"(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+# Quantized checkpoints add parts: gpt-oss' mxfp4 `gate_up_proj_blocks` / `_scales`; DeepSeek-V3's fp8
+# `weight` + `weight_scale_inv`; compressed-tensors' `weight_packed` / `weight_scale` / `weight_shape`.
+_FUSED_KEY = re.compile(_LAYER + r"(?P<proj>gate_up_proj|down_proj)(?P<part>_blocks|_scales)?$")
+_PER_EXPERT_KEY = re.compile(_LAYER + r"(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\."
+                             r"(?P<part>weight|weight_scale_inv|weight_packed|weight_scale|weight_shape)$")
 _PER_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 _LAYER_OF_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -146,22 +150,27 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") ->
 
 
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
-                checkpoint: str | os.PathLike | None = None, lora_dtype: torch.dtype = torch.float32,
-                isa: str | None = None, freeze_base: bool = True, seed: int = 0) -> nn.Module:
+                checkpoint: str | os.PathLike | None = None, storage: str | None = None,
+                lora_dtype: torch.dtype = torch.float32, isa: str | None = None, freeze_base: bool = True,
+                seed: int = 0) -> nn.Module:
     """Moves the routed experts of every MoE block into kt-functional; returns the model.
 
     The torch expert weights are packed and then freed. With checkpoint=, the packed weights are
-    read from that safetensors checkpoint instead (the model's own expert weights may then be
-    empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
-    only the LoRA parameters trainable (set requires_grad on a router to train it too).
+    read from that safetensors checkpoint instead, in the checkpoint's own storage format (the model's
+    own expert weights may then be empty, e.g. on the meta device). storage= ("int8", "fp8_block",
+    "int4_group", "mxfp4") quantizes bf16 expert weights as they are packed (the model's, or a bf16
+    checkpoint's); None keeps them as they are. lora_rank=None patches without LoRA. freeze_base=True
+    leaves only the LoRA parameters trainable (set requires_grad on a router to train it too).
     """
+    if storage is not None:
+        quant.check_storage(storage)
     _model_type(model)
     experts = _experts_modules(model)
     for name, module in experts:
         _check_experts(name, module)
     threads = threads or _default_threads()
     if checkpoint is not None:
-        packed = dict(load_experts(checkpoint, threads=threads))
+        packed = dict(load_experts(checkpoint, threads=threads, storage=storage))
         wanted = {_layer_index(name) for name, _ in experts}
         missing = sorted(wanted - packed.keys())
         if missing:
@@ -180,7 +189,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         else:
             if module.gate_up_proj.is_meta or module.down_proj.is_meta:
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
-            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, threads=threads)
+            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, storage=storage or "bf16",
+                                               threads=threads)
         dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
         expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
         if dims != expected:
@@ -251,7 +261,8 @@ def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, st
         raise ValueError(f"state_dict: {prefix}{next(iter(found))} without {prefix}"
                          f"{next(n for n in _BASE_NAMES if n not in found)}; the experts need both")
     kt = _kt_of(module)
-    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], threads=kt._state.threads))
+    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], storage=kt.weights.storage,
+                                            threads=kt._state.threads))
 
 
 def _check_experts_implementation(module, args) -> None:
@@ -365,7 +376,9 @@ def _checkpoint_files(checkpoint_dir) -> dict[str, list[str]]:
     return files
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                       "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32,
+                       "I64": torch.int64}
 
 
 def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -378,8 +391,8 @@ def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.T
             meta = header[key]
             dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
             if dtype is None:
-                raise TypeError(f"checkpoint: {key} has dtype {meta['dtype']}; kt-functional packs "
-                                f"{'/'.join(_SAFETENSORS_DTYPES)} expert weights")
+                raise TypeError(f"checkpoint: {key} has dtype {meta['dtype']}; kt-functional reads "
+                                f"{'/'.join(_SAFETENSORS_DTYPES)} expert tensors")
             start, end = meta["data_offsets"]
             t = torch.empty(meta["shape"], dtype=dtype)
             if end - start != t.nbytes:
@@ -390,24 +403,83 @@ def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.T
             yield key, t
 
 
-def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+def _checkpoint_config(checkpoint_dir) -> dict:
+    path = os.path.join(os.fspath(checkpoint_dir), "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_storage(checkpoint_dir) -> str:
+    """The storage format of a checkpoint's routed experts, from its config.json `quantization_config`:
+    "bf16" (none), "fp8_block" (quant_method fp8, weight_block_size [128, 128]), "int4_group"
+    (compressed-tensors pack-quantized, 4-bit symmetric int, group 32) or "mxfp4" (quant_method mxfp4)."""
+    config = _checkpoint_config(checkpoint_dir)
+    q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not q:
+        return "bf16"
+    method = q.get("quant_method")
+    if method == "fp8":
+        if list(q.get("weight_block_size") or []) != [128, 128]:
+            raise ValueError(f"checkpoint: fp8 with weight_block_size {q.get('weight_block_size')}; kt-functional "
+                             "reads block-FP8 with weight_block_size [128, 128]")
+        return "fp8_block"
+    if method == "compressed-tensors":
+        groups = [g.get("weights") or {} for g in (q.get("config_groups") or {}).values()]
+        ok = q.get("format") == "pack-quantized" and groups and all(
+            w.get("num_bits") == 4 and w.get("type", "int") == "int" and w.get("symmetric", False)
+            and w.get("strategy") == "group" and w.get("group_size") == quant.GROUP for w in groups)
+        if not ok:
+            raise ValueError("checkpoint: compressed-tensors quantization_config must be pack-quantized 4-bit "
+                             f"symmetric int with group_size {quant.GROUP} for kt-functional, got {q}")
+        return "int4_group"
+    if method == "mxfp4":
+        return "mxfp4"
+    raise ValueError(f"checkpoint: quantization_config quant_method {method!r} is not supported; kt-functional "
+                     "reads bf16, fp8 (block 128 x 128), compressed-tensors pack-quantized int4 and mxfp4 experts")
+
+
+def _split_fused(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate, up rows of a fused [E, 2I, ...] tensor (gpt-oss interleaves them, transformers v5 stacks them)."""
+    if interleaved:
+        return t[:, 0::2], t[:, 1::2]
+    I = t.shape[1] // 2
+    return t[:, :I], t[:, I:]
+
+
+def load_experts(checkpoint_dir, *, threads: int | None = None,
+                 storage: str | None = None) -> Iterator[tuple[int, ExpertWeights]]:
     """Yields (layer index, packed ExpertWeights) for each MoE layer of a safetensors checkpoint.
 
     Reads one layer at a time (sharded + indexed or single file; v5 fused `gate_up_proj` /
     `down_proj` keys or per-expert `experts.N.{gate,up,down}_proj.weight` / Mixtral's w1/w3/w2),
     packs it, and drops the torch copy before the next layer: peak memory is the packed size
-    plus one layer.
+    plus one layer. Quantized checkpoints (checkpoint_storage: DeepSeek-V3's block-FP8 `weight` +
+    `weight_scale_inv`, compressed-tensors' `weight_packed` / `weight_scale`, gpt-oss' mxfp4
+    `gate_up_proj_blocks` / `_scales`) are packed in their own format, never as a bf16 copy.
+    storage= quantizes a bf16 checkpoint's experts into that format as each layer is packed.
     """
+    if storage is not None:
+        quant.check_storage(storage)
+    stored = checkpoint_storage(checkpoint_dir)
+    if stored != "bf16" and storage not in (None, stored):
+        raise ValueError(f"storage: the checkpoint's experts are {stored}; storage={storage!r} would quantize "
+                         "them again (pass storage=None to keep the checkpoint's format)")
+    interleaved = _checkpoint_config(checkpoint_dir).get("model_type") == "gpt_oss"  # gate, up rows alternate
     layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
     for file, keys in _checkpoint_files(checkpoint_dir).items():
         for key in keys:
             if m := _FUSED_KEY.match(key):
-                layers[int(m["layer"])]["fused"][m["proj"]] = (file, key)
+                layers[int(m["layer"])]["fused"][m["proj"] + (m["part"] or "")] = (file, key)
             elif m := _PER_EXPERT_KEY.match(key):
                 proj = _PER_EXPERT_PROJ[m["proj"]]
-                layers[int(m["layer"])]["experts"][(int(m["expert"]), proj)] = (file, key)
+                layers[int(m["layer"])]["experts"][(int(m["expert"]), proj, m["part"])] = (file, key)
     if not layers:
         raise ValueError(f"checkpoint_dir: no routed-expert weights found in {os.fspath(checkpoint_dir)}")
+    # The parts of one projection per expert, by format; the first is its codes (or bf16 weight).
+    per_expert_parts = {"bf16": ("weight",), "fp8_block": ("weight", "weight_scale_inv"),
+                        "int4_group": ("weight_packed", "weight_scale"), "mxfp4": ()}[stored]
 
     def read(located: list[tuple[str, str]]) -> Iterator[tuple[str, torch.Tensor]]:
         by_file = defaultdict(list)
@@ -418,24 +490,44 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
 
     for layer in sorted(layers):
         fused, per_expert = layers[layer]["fused"], layers[layer]["experts"]
-        if len(fused) == 2:
-            t = dict(read(list(fused.values())))
-            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads)
-        else:
-            num_experts = 1 + max(e for e, _ in per_expert)
-            missing = [(e, p) for e in range(num_experts) for p in ("gate", "up", "down") if (e, p) not in per_expert]
+        if stored == "mxfp4":
+            names = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+            missing = [n for n in names if n not in fused]
             if missing:
-                raise ValueError(f"checkpoint: layer {layer} lacks expert weights {missing[:4]} (expert, projection)")
-            where = {key: ep for ep, (_, key) in per_expert.items()}
-            stacked: dict[str, torch.Tensor] = {}
-            for key, t in read(list(per_expert.values())):
-                e, proj = where[key]
-                if proj not in stacked:
-                    stacked[proj] = torch.empty((num_experts, *t.shape), dtype=t.dtype)
-                stacked[proj][e].copy_(t)
+                raise ValueError(f"checkpoint: layer {layer} lacks mxfp4 expert tensors {missing}")
+            t = dict(read([fused[n] for n in names]))
+            blocks, scales = (_split_fused(t[fused[n][1]], interleaved) for n in names[:2])
+            weights = ExpertWeights.from_quantized("mxfp4", (blocks[0], scales[0]), (blocks[1], scales[1]),
+                                                   (t[fused[names[2]][1]], t[fused[names[3]][1]]), threads=threads)
+        elif stored == "bf16" and {"gate_up_proj", "down_proj"} <= fused.keys():
+            t = dict(read([fused["gate_up_proj"], fused["down_proj"]]))
+            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]],
+                                               storage=storage or "bf16", threads=threads)
+        else:
+            experts = {e for e, _, _ in per_expert}
+            num_experts = 1 + max(experts, default=-1)
+            missing = [(e, p, part) for e in range(num_experts) for p in ("gate", "up", "down")
+                       for part in per_expert_parts if (e, p, part) not in per_expert]
+            if missing or not num_experts:
+                raise ValueError(f"checkpoint: layer {layer} lacks expert weights {missing[:4]} "
+                                 "(expert, projection, part)")
+            wanted = {k: v for k, v in per_expert.items() if k[2] in per_expert_parts}
+            where = {key: k for k, (_, key) in wanted.items()}
+            stacked: dict[tuple[str, str], torch.Tensor] = {}
+            for key, t in read(list(wanted.values())):
+                e, proj, part = where[key]
+                if (proj, part) not in stacked:
+                    stacked[proj, part] = torch.empty((num_experts, *t.shape), dtype=t.dtype)
+                stacked[proj, part][e].copy_(t)
                 del t
-            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads)
-        t = stacked = None  # the torch copy of the layer
+            if stored == "bf16":
+                weights = ExpertWeights.from_tensors(stacked["gate", "weight"], stacked["up", "weight"],
+                                                     stacked["down", "weight"], storage=storage or "bf16",
+                                                     threads=threads)
+            else:
+                gate, up, down = (tuple(stacked[p, part] for part in per_expert_parts) for p in ("gate", "up", "down"))
+                weights = ExpertWeights.from_quantized(stored, gate, up, down, threads=threads)
+        t = stacked = blocks = scales = gate = up = down = None  # the torch copy of the layer
         _release_freed_memory()
         yield layer, weights
 
