@@ -5,8 +5,8 @@
 Prints: the machine (measured peak and read bandwidth), one row per (shape, T, kind) with the
 median times of kt / torch grouped_mm / torch eager, kt's speed-ups and kt's throughput
 figures, the thread scaling, the backward cache against its bound, kt against itself (the
-resident backward layout; no LoRA), the AMX path's tile-operation proxies, and the targets
-(met, or missed by how much) of the path that ran.
+resident backward layout; no LoRA), the AMX path's tile-operation proxies, the storage formats
+against bf16 with their targets, and the targets (met, or missed by how much) of the path that ran.
 """
 from __future__ import annotations
 
@@ -150,6 +150,40 @@ def proxy_table(proxies) -> str:
                   "tile loads per TDPBF16PS"], rows)
 
 
+STORAGES = ("int8", "fp8_block", "int4_group", "mxfp4")
+#: Storage targets (issue 9): T=16 forward speed-up over bf16, and T=1024 fwd+bwd time over bf16's.
+STORAGE_SPEEDUP_T16 = {"int8": 1.7, "fp8_block": 1.7, "int4_group": 2.8, "mxfp4": 2.8}
+STORAGE_SLOWDOWN_T1024 = 1.15
+
+
+def storage_table(results, shape="qwen3") -> str:
+    """Each storage format against bf16 (kt) at the same case: time, bytes streamed, targets."""
+    rows = []
+    for key in sorted_keys(results):
+        s, T, kind = key
+        impls = results[key]
+        bf16 = impls.get("kt")
+        for storage in STORAGES:
+            q = impls.get(f"kt_{storage}")
+            if s != shape or not q:
+                continue
+            speedup = ratio(q, bf16)
+            if T <= 16 and kind == "forward":
+                goal = STORAGE_SPEEDUP_T16[storage]
+                target, status = f">= {goal}x", verdict(speedup, goal)
+            elif T >= 1024 and kind == "fwd+bwd":
+                slowdown = speedup and 1 / speedup
+                target = f"<= {STORAGE_SLOWDOWN_T1024}x bf16's time"
+                status = verdict(slowdown, STORAGE_SLOWDOWN_T1024, higher_is_better=False)
+            else:
+                target, status = "-", "-"
+            rows.append([storage, kind, T, ms(q), ms(bf16), fmt_x(speedup),
+                         f"{q['weight_bytes'] / 2**20:,.0f}", f"{bf16['weight_bytes'] / 2**20:,.0f}" if bf16 else "-",
+                         f"{q['gb_per_s']:.1f}", target, status])
+    return table(["storage", "kind", "T", "ms", "bf16 ms", "speed-up vs bf16", "MiB streamed", "bf16 MiB",
+                  "GB/s (stored bytes)", "target", "status"], rows)
+
+
 def targets(machine, results, scaling, shape="qwen3") -> str:
     kt_machine = machine.get("kt_functional", {})
     amx = kt_machine.get("isa") == "amx"
@@ -250,6 +284,10 @@ def main(argv=None) -> int:
     print("AMX path, tile operations counted by the emulated tile unit (fwd+bwd; any machine):")
     print()
     print(proxy_table(proxies))
+    print()
+    print("Storage formats of the base weights (qwen3 layer) against bf16:")
+    print()
+    print(storage_table(results))
     print()
     print("Targets:")
     print()

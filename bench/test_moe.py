@@ -103,14 +103,16 @@ def cache_bound(layer, T: int) -> int:
     return T * s.H * 2 + T * s.k * 2 * s.I * 2 + T * s.k * 3 * s.r * 4
 
 
-def record(benchmark, machine: dict, layer, T: int, kind: str, impl: str, threads: int, **extra):
-    """Puts throughput, TFLOP/s, % of the measured peak and GB/s into benchmark.extra_info."""
+def record(benchmark, machine: dict, layer, T: int, kind: str, impl: str, threads: int,
+           expert_bytes: float | None = None, **extra):
+    """Puts throughput, TFLOP/s, % of the measured peak and GB/s into benchmark.extra_info.
+    expert_bytes: one expert's weight bytes as stored (default: bf16)."""
     info = benchmark.extra_info
     s = layer.shape
     routes = int((layer.ids[:T] >= 0).sum())
     active = layer.active_experts(T)
     flops = PASSES[kind] * 6 * routes * s.H * s.I
-    weight_bytes = PASSES[kind] * active * layer.expert_bytes()
+    weight_bytes = PASSES[kind] * active * (expert_bytes or layer.expert_bytes())
     info.update(kind=kind, shape=s.name, T=T, impl=impl, threads=threads, E=s.E, H=s.H, I=s.I, k=s.k, r=s.r,
                 isa=machine["isa"], peak_gflops=machine["peak_gflops"], read_gb_per_s=machine["read_gb_per_s"],
                 flops=flops, active_experts=active, weight_bytes=weight_bytes, **extra)
@@ -124,7 +126,7 @@ def record(benchmark, machine: dict, layer, T: int, kind: str, impl: str, thread
 
 def run_bench(benchmark, machine, layer, T, kind, impl, step: Step, *, group=None, threads=None, **extra):
     benchmark.group = group or f"{kind} T={T} {layer.name}"
-    rounds, warmup = rounds_for(layer, T, impl)
+    rounds, warmup = rounds_for(layer, T, "kt" if impl.startswith("kt") else impl)
     benchmark.pedantic(step.target, setup=step.setup, rounds=rounds, warmup_rounds=warmup, iterations=1)
     record(benchmark, machine, layer, T, kind, impl, threads or layer.state().threads, **extra)
 
@@ -170,6 +172,19 @@ def test_fwd_bwd_no_lora(benchmark, machine, layer, T):
     """kt without LoRA: LoRA's share of the step is 1 - this / kt's fwd+bwd."""
     step = kt_steps(layer, T, variant="no_lora")["fwd+bwd"]
     run_bench(benchmark, machine, layer, T, "fwd+bwd", "kt_no_lora", step)
+
+
+@pytest.mark.storage_cases
+@pytest.mark.parametrize("storage", ("int8", "fp8_block", "int4_group", "mxfp4"))
+@pytest.mark.parametrize("kind", ("forward", "fwd+bwd"))
+def test_storage(benchmark, machine, layer, T, kind, storage):
+    """kt with the base weights in a quantized storage (quantized at pack time), against bf16 (test_forward /
+    test_fwd_bwd's kt): fewer bytes streamed per pass (gb_per_s counts the stored bytes)."""
+    variant = f"storage:{storage}"
+    weights = layer.state(variant=variant).weights
+    step = kt_steps(layer, T, variant=variant)[kind]
+    run_bench(benchmark, machine, layer, T, kind, f"kt_{storage}", step, expert_bytes=weights.nbytes / layer.shape.E,
+              storage=storage)
 
 
 def test_amx_tile_proxies(benchmark, machine, layer, T):
