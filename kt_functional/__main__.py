@@ -6,6 +6,10 @@ the text shipped with the package, times the same training step on the unpatched
 carrying the same LoRA, and saves the adapter in PEFT's format.
 
     python -m kt_functional [--steps 40] [--layers 4] [--experts 32] [--threads N] [--out DIR]
+                            [--storage {bf16,int8,fp8_block,int4_group,mxfp4}]
+
+--storage quantizes the frozen experts as they are packed (int8, block-FP8, group-32 int4, MXFP4):
+the LoRA trains on top of the quantized base weights.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 import kt_functional as ktf
 from kt_functional import hf
+from kt_functional.quant import STORAGES
 
 CORPUS = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")
 
@@ -73,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--peer-steps", type=int, default=4, help="timed steps of the unpatched torch model")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--out", default="kt-demo-adapter", help="where the adapter is saved")
+    p.add_argument("--storage", choices=STORAGES, default="bf16", help="storage format of the frozen experts")
     args = p.parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -96,10 +102,11 @@ def main(argv=None) -> int:
           f"I={args.intermediate}: {total_bytes / 2**20:.0f} MiB bf16, routed experts {expert_bytes / 2**20:.0f} MiB")
 
     t0 = time.perf_counter()
-    model = hf.patch_model(copy.deepcopy(base), lora_rank=args.rank, lora_alpha=args.alpha, threads=threads)
+    model = hf.patch_model(copy.deepcopy(base), lora_rank=args.rank, lora_alpha=args.alpha, threads=threads,
+                           storage=args.storage)
     packed = sum(kt.weights.nbytes for _, kt in hf.kt_layers(model))
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"patched in {time.perf_counter() - t0:.1f} s: experts packed for forward and backward "
+    print(f"patched in {time.perf_counter() - t0:.1f} s: experts packed for forward and backward as {args.storage} "
           f"({packed / 2**20:.0f} MiB), {lora_params:,} LoRA parameters (r={args.rank}) on every expert")
 
     with open(CORPUS, "rb") as f:
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
           f"{tokens / theirs:,.0f} tokens/s; speed-up {theirs / ours:.2f}x")
 
     hf.save_adapter(model, args.out)
-    reloaded = hf.load_adapter(hf.patch_model(copy.deepcopy(base), lora_rank=args.rank, threads=threads), args.out)
+    reloaded = hf.load_adapter(hf.patch_model(copy.deepcopy(base), lora_rank=args.rank, threads=threads,
+                                              storage=args.storage), args.out)
     probe = next(batches)[:1, :64]
     with torch.no_grad():
         same = torch.equal(model.eval()(probe).logits, reloaded.eval()(probe).logits)
