@@ -160,7 +160,8 @@ def check_projection(storage: str, value, name: str, E: int, out: int, inp: int)
         # int4_group keeps bf16 scales as they are (2 bytes each); everything else is packed as fp32 (exact)
         keep_bf16 = storage == "int4_group" and scales.dtype == torch.bfloat16
         scales = scales if keep_bf16 else scales.float()
-    if storage == "fp8_block" and ((codes.view(torch.uint8) & 0x7F) == 0x7F).any():
+    # one expert at a time: a whole-tensor test would allocate twice the codes' size
+    if storage == "fp8_block" and any(((c.view(torch.uint8) & 0x7F) == 0x7F).any() for c in codes):
         raise ValueError(f"{name}[0]: float8_e4m3fn codes hold NaN")
     return codes.contiguous(), scales.contiguous()
 
