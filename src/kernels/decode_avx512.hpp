@@ -5,9 +5,15 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels.hpp"
+
+// GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpermps, vpmovsxbd, vcvtph2ps)
+// as maybe uninitialized (a known false positive of its headers).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace kt {
 namespace {
@@ -28,8 +34,8 @@ inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
   _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s.hi), _mm512_mul_ps(lo, s.lo)));
 }
 
-// One stream per decoder call: the hardware prefetcher alone leaves it latency-bound, so each
-// step asks for the line kPrefetchBytes ahead (panels of one call are contiguous in the forward).
+// The hardware prefetcher alone leaves the decoder latency-bound: each stream also asks for the line
+// kPrefetchBytes ahead.
 constexpr int64_t kPrefetchBytes = 1024;
 inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
@@ -58,57 +64,82 @@ inline __m512 group_scales(const uint8_t* scales, Storage storage, ScaleType typ
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
+// Rows of several panels in turn: like the micro-kernel's reads of B, a few sequential streams at once
+// keep more of memory's bandwidth than one (each also prefetched ahead).
+constexpr int kStreams = 3;
+
+// Decodes pair-rows [q0, q0 + nq) of up to kStreams panels in turn. row(j, q, out) writes panel j's row q;
+// scales(j, q) is called where panel j's scales change (the first row and every group of 16 pair-rows).
+template <class Scales, class Row>
+inline void decode_streams(const uint8_t* const* panels, int n, int64_t q0, int64_t nq, int64_t row_bytes,
+                           bf16* const* out, Scales&& scales, Row&& row) {
+  constexpr int kRow = 2 * kPanelCols;
+  for (int64_t q = q0; q < q0 + nq; ++q) {
+    for (int j = 0; j < n; ++j) {
+      if (q == q0 || q % 16 == 0) scales(j, q);
+      if ((q * row_bytes) % 64 == 0) prefetch_ahead(panels[j] + q * row_bytes);
+      row(j, q, out[j] + (q - q0) * kRow);
+    }
+  }
+}
+
 void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                           int64_t nq, bf16* dst, int64_t dst_panel_stride) {
   constexpr int kRow = 2 * kPanelCols;
   const __m512 e2m1 = _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f, 2.0f,
                                     1.5f, 1.0f, 0.5f, 0.0f);
-  for (int64_t j = 0; j < np; ++j) {
-    const uint8_t* panel = src.data + (first_panel + j * panel_step) * src.panel_bytes;
-    const uint8_t* scales = panel + src.scale_offset;
-    bf16* out = dst + j * dst_panel_stride;
+  for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
+    const int n = int(std::min<int64_t>(kStreams, np - j0));
+    const uint8_t* panels[kStreams];
+    bf16* out[kStreams];
+    RowScales s[kStreams] = {RowScales(0.0f), RowScales(0.0f), RowScales(0.0f)};
+    for (int j = 0; j < n; ++j) {
+      panels[j] = src.data + (first_panel + (j0 + j) * panel_step) * src.panel_bytes;
+      out[j] = dst + (j0 + j) * dst_panel_stride;
+    }
+    auto scales_of = [&](int j) { return panels[j] + src.scale_offset; };
     switch (src.storage) {
-      case Storage::int8: {
-        const RowScales s(_mm512_loadu_ps(reinterpret_cast<const float*>(scales)));
-        for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
-          const int8_t* c = reinterpret_cast<const int8_t*>(panel) + q * kRow;
-          prefetch_ahead(panel + q * kRow);
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-          const __m512 hi =
-              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
-          store_row(out, lo, hi, s);
-        }
+      case Storage::int8:
+        decode_streams(
+            panels, n, q0, nq, kRow, out,
+            [&](int j, int64_t q) {
+              if (q == q0) s[j] = RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(scales_of(j))));
+            },
+            [&](int j, int64_t q, bf16* o) {
+              const __m128i* c = reinterpret_cast<const __m128i*>(panels[j] + q * kRow);
+              store_row(o, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))), s[j]);
+            });
         break;
-      }
       case Storage::fp8_block:
-        for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
-          const RowScales s(reinterpret_cast<const float*>(scales)[q / 64] * 256.0f);
-          prefetch_ahead(panel + q * kRow);
-          __m512 lo, hi;
-          fp8_row(panel + q * kRow, lo, hi);
-          store_row(out, lo, hi, s);
-        }
+        decode_streams(
+            panels, n, q0, nq, kRow, out,
+            [&](int j, int64_t q) { s[j] = RowScales(reinterpret_cast<const float*>(scales_of(j))[q / 64] * 256.0f); },
+            [&](int j, int64_t q, bf16* o) {
+              __m512 lo, hi;
+              fp8_row(panels[j] + q * kRow, lo, hi);
+              store_row(o, lo, hi, s[j]);
+            });
         break;
       case Storage::int4_group:
-      case Storage::mxfp4: {
-        const bool fp4 = src.storage == Storage::mxfp4;
-        RowScales s(0.0f);
-        for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
-          if (q == q0 || q % 16 == 0) s = RowScales(group_scales(scales, src.storage, src.scale_type, q / 16));
-          if (q % 4 == 0) prefetch_ahead(panel + q * kPanelCols);
-          const __m512i x = bytes16(panel + q * kPanelCols);
-          __m512 lo, hi;
-          if (fp4) {  // the permute reads the low 4 bits of each index
-            lo = _mm512_permutexvar_ps(x, e2m1);
-            hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), e2m1);
-          } else {  // sign-extended nibbles
-            lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 28), 28));
-            hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 28));
-          }
-          store_row(out, lo, hi, s);
-        }
+        decode_streams(
+            panels, n, q0, nq, kPanelCols, out,
+            [&](int j, int64_t q) { s[j] = RowScales(group_scales(scales_of(j), src.storage, src.scale_type, q / 16)); },
+            [&](int j, int64_t q, bf16* o) {  // sign-extended nibbles
+              const __m512i x = bytes16(panels[j] + q * kPanelCols);
+              store_row(o, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 28), 28)),
+                        _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 28)), s[j]);
+            });
         break;
-      }
+      case Storage::mxfp4:
+        decode_streams(
+            panels, n, q0, nq, kPanelCols, out,
+            [&](int j, int64_t q) { s[j] = RowScales(group_scales(scales_of(j), src.storage, src.scale_type, q / 16)); },
+            [&](int j, int64_t q, bf16* o) {  // the permute reads the low 4 bits of each index
+              const __m512i x = bytes16(panels[j] + q * kPanelCols);
+              store_row(o, _mm512_permutexvar_ps(x, e2m1), _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), e2m1), s[j]);
+            });
+        break;
       default:
         break;
     }
@@ -117,3 +148,5 @@ void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t p
 
 }  // namespace
 }  // namespace kt
+
+#pragma GCC diagnostic pop
