@@ -88,6 +88,7 @@ void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t p
   constexpr int kRow = 2 * kPanelCols;
   const __m512 e2m1 = _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f, 2.0f,
                                     1.5f, 1.0f, 0.5f, 0.0f);
+  const __m512 int4 = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);  // two's complement
   for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
     const int n = int(std::min<int64_t>(kStreams, np - j0));
     const uint8_t* panels[kStreams];
@@ -122,24 +123,18 @@ void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t p
             });
         break;
       case Storage::int4_group:
+      case Storage::mxfp4: {  // the code's value from a 16-entry table (vpermps reads an index's low 4 bits)
+        const __m512 values = src.storage == Storage::mxfp4 ? e2m1 : int4;
         decode_streams(
             panels, n, q0, nq, kPanelCols, out,
             [&](int j, int64_t q) { s[j] = RowScales(group_scales(scales_of(j), src.storage, src.scale_type, q / 16)); },
-            [&](int j, int64_t q, bf16* o) {  // sign-extended nibbles
+            [&](int j, int64_t q, bf16* o) {
               const __m512i x = bytes16(panels[j] + q * kPanelCols);
-              store_row(o, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 28), 28)),
-                        _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 28)), s[j]);
+              store_row(o, _mm512_permutexvar_ps(x, values), _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), values),
+                        s[j]);
             });
         break;
-      case Storage::mxfp4:
-        decode_streams(
-            panels, n, q0, nq, kPanelCols, out,
-            [&](int j, int64_t q) { s[j] = RowScales(group_scales(scales_of(j), src.storage, src.scale_type, q / 16)); },
-            [&](int j, int64_t q, bf16* o) {  // the permute reads the low 4 bits of each index
-              const __m512i x = bytes16(panels[j] + q * kPanelCols);
-              store_row(o, _mm512_permutexvar_ps(x, e2m1), _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), e2m1), s[j]);
-            });
-        break;
+      }
       default:
         break;
     }
