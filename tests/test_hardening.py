@@ -472,16 +472,6 @@ def test_bad_input_error_types(prob, case):
     check_state(state, prob, where=f"[after {case}]")
 
 
-def test_bad_gy_on_meta_and_sparse(prob):
-    K = ktf()
-    state = make_state(prob)
-    for gy in (_meta(prob.x), prob.x.to_sparse()):
-        _, cache = K.moe_forward(state, prob.x, prob.ids, prob.w)
-        with pytest.raises(ERRORS, match=r"\bgy\b"):
-            K.moe_backward(state, cache, gy)
-        assert not cache.consumed
-
-
 def test_numpy_negative_strides_and_byte_order_are_converted(prob):
     """numpy arrays with negative strides or a non-native byte order give the results of their
     plain copies (x, ids, w, gy and the expert weights)."""
