@@ -38,7 +38,8 @@ void Job::finish() {
 }
 
 Pool::Pool(int nthreads) {
-  if (nthreads < 1) throw std::invalid_argument("threads: expected >= 1 worker threads, got " + std::to_string(nthreads));
+  if (nthreads < 1)
+    throw std::invalid_argument("threads: expected >= 1 worker threads, got " + std::to_string(nthreads));
   workers_.reserve(nthreads);
   try {
     for (int i = 0; i < nthreads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });

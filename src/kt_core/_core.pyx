@@ -201,8 +201,8 @@ cdef kt.LoraView _lora(object lora) except *:
     return v
 
 
-def submit_forward(Pool pool not None, PackedExperts weights not None, str isa not None, uintptr_t x, uintptr_t ids, uintptr_t w,
-                   int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward):
+def submit_forward(Pool pool not None, PackedExperts weights not None, str isa not None, uintptr_t x, uintptr_t ids,
+                   uintptr_t w, int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward):
     """Plans and submits one forward; returns (Job, ForwardCache or None)."""
     cdef kt.ForwardArgs a
     a.x = <const void*>x
