@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .state import _LORA_NAMES, ExpertWeights, _default_threads
+from .state import _LORA_NAMES, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
 EXPERTS_IMPLEMENTATION = "kt_functional"
@@ -168,7 +168,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     experts = _experts_modules(model)
     for name, module in experts:
         _check_experts(name, module)
-    threads = threads or _default_threads()
+    threads = resolve_threads(threads)
+    check_lora_options(lora_rank, lora_alpha)
     if checkpoint is not None:
         packed = dict(load_experts(checkpoint, threads=threads, storage=storage))
         wanted = {_layer_index(name) for name, _ in experts}
