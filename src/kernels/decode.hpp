@@ -13,70 +13,85 @@ namespace {
 // treats denormal inputs as zero); NaN cannot occur (scales and codes are validated when packed).
 inline bf16 decoded_bf16(float f) {
   uint32_t u = __builtin_bit_cast(uint32_t, f);
-  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+  u &= 0u - uint32_t((u & 0x7f800000u) != 0) | 0x80000000u;
   return bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Branch-free helpers (both cases computed, one selected by a mask), so the loops below vectorize.
+inline uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return (a & mask) | (b & ~mask);
 }
 
 // e4m3fn code as 2^-8 times its value: the code read as fp16 bits (what VCVTPH2PS converts).
 inline float fp8_times_2_pow_m8(uint8_t b) {
   const uint32_t e = (b >> 3) & 0xf, m = b & 7, sign = uint32_t(b & 0x80) << 24;
-  const float mag = e ? __builtin_bit_cast(float, (e + 112) << 23 | m << 20) : float(m) * 0x1p-17f;
-  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, mag) | sign);
+  const uint32_t subnormal = __builtin_bit_cast(uint32_t, float(m) * 0x1p-17f);
+  return __builtin_bit_cast(float, select_bits(e != 0, (e + 112) << 23 | m << 20, subnormal) | sign);
 }
 
-constexpr float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+// e2m1 code: magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (exponent bits 2..1, mantissa bit 0), sign in bit 3.
+inline float e2m1(uint32_t c) {
+  const uint32_t e = (c >> 1) & 3, m = c & 1, sign = (c & 8) << 28;
+  return __builtin_bit_cast(float, select_bits(e != 0, (e + 126) << 23 | m << 22, m * 0x3f000000u) | sign);
+}
 
 // 2^(e - 127); e = 255 (NaN) is rejected when packed.
-inline float e8m0(uint8_t e) { return e ? __builtin_bit_cast(float, uint32_t(e) << 23) : 0x1p-127f; }
+inline float e8m0(uint32_t e) { return __builtin_bit_cast(float, select_bits(e != 0, e << 23, 0x00400000u)); }
 
-// Element i of a 4-bit pair-row (QuantPanels): low nibbles are elements 0..15, high ones 16..31.
-inline uint8_t nibble(const uint8_t* row, int i) { return i < 16 ? row[i] & 0xf : row[i - 16] >> 4; }
-
-inline float group_scale(const uint8_t* scales, ScaleType type, int64_t i) {
-  if (type == ScaleType::f32) return reinterpret_cast<const float*>(scales)[i];
-  return __builtin_bit_cast(float, uint32_t(reinterpret_cast<const uint16_t*>(scales)[i]) << 16);
+// Rows [q0, q0 + nq) of one panel: out[i] = bf16(value(code i) * scale i) for the 32 elements of each row.
+// column_scale(q, c) is column c's scale for row q, constant over a group of 16 pair-rows (32 rows);
+// the codes and scales of a row are spread into arrays first so that every loop is plain and vectorizes.
+template <bool kFourBit, class Value, class ColumnScale>
+inline void decode_rows(const uint8_t* codes, int64_t q0, int64_t nq, bf16* out, Value value,
+                        ColumnScale column_scale) {
+  constexpr int kRow = 2 * kPanelCols;
+  float scale[kRow];
+  uint32_t code[kRow];  // 4-bit codes, spread
+  for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
+    if (q == q0 || q % 16 == 0)
+      for (int c = 0; c < kPanelCols; ++c) scale[2 * c] = scale[2 * c + 1] = column_scale(q, c);
+    if constexpr (kFourBit) {  // byte i: element i in the low nibble, element i + 16 in the high one
+      const uint8_t* row = codes + q * kPanelCols;
+      for (int i = 0; i < kPanelCols; ++i) code[i] = row[i] & 0xf, code[i + kPanelCols] = row[i] >> 4;
+      for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(value(code[i]) * scale[i]);
+    } else {
+      const uint8_t* row = codes + q * kRow;
+      for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(value(row[i]) * scale[i]);
+    }
+  }
 }
 
 void decode_panels_portable(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                             int64_t nq, bf16* dst, int64_t dst_panel_stride) {
-  constexpr int kRow = 2 * kPanelCols;  // elements of a pair-row
   for (int64_t j = 0; j < np; ++j) {
     const uint8_t* panel = src.data + (first_panel + j * panel_step) * src.panel_bytes;
     const uint8_t* scales = panel + src.scale_offset;
-    for (int64_t q = q0; q < q0 + nq; ++q) {
-      bf16* out = dst + j * dst_panel_stride + (q - q0) * kRow;
-      const int64_t group = q / 16;  // 32 rows = 16 pair-rows
-      switch (src.storage) {
-        case Storage::int8: {
-          const int8_t* codes = reinterpret_cast<const int8_t*>(panel) + q * kRow;
-          const float* s = reinterpret_cast<const float*>(scales);
-          for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(float(codes[i]) * s[i / 2]);
-          break;
-        }
-        case Storage::fp8_block: {
-          const uint8_t* codes = panel + q * kRow;
-          const float s = reinterpret_cast<const float*>(scales)[q / 64] * 256.0f;  // 128 rows = 64 pair-rows
-          for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(fp8_times_2_pow_m8(codes[i]) * s);
-          break;
-        }
-        case Storage::int4_group: {
-          const uint8_t* codes = panel + q * kPanelCols;
-          for (int i = 0; i < kRow; ++i) {
-            const int q4 = int(nibble(codes, i) ^ 8) - 8;
-            out[i] = decoded_bf16(float(q4) * group_scale(scales, src.scale_type, group * kPanelCols + i / 2));
-          }
-          break;
-        }
-        case Storage::mxfp4: {
-          const uint8_t* codes = panel + q * kPanelCols;
-          for (int i = 0; i < kRow; ++i)
-            out[i] = decoded_bf16(kE2M1[nibble(codes, i)] * e8m0(scales[group * kPanelCols + i / 2]));
-          break;
-        }
-        default:
-          break;
-      }
+    const float* f32 = reinterpret_cast<const float*>(scales);
+    const uint16_t* b16 = reinterpret_cast<const uint16_t*>(scales);
+    bf16* out = dst + j * dst_panel_stride;
+    auto int4 = [](uint32_t c) { return float(int(c ^ 8) - 8); };
+    switch (src.storage) {
+      case Storage::int8:
+        decode_rows<false>(panel, q0, nq, out, [](uint32_t c) { return float(int8_t(c)); },
+                           [&](int64_t, int c) { return f32[c]; });
+        break;
+      case Storage::fp8_block:  // 128 rows = 64 pair-rows share a scale
+        decode_rows<false>(panel, q0, nq, out, [](uint32_t c) { return fp8_times_2_pow_m8(uint8_t(c)); },
+                           [&](int64_t q, int) { return f32[q / 64] * 256.0f; });
+        break;
+      case Storage::int4_group:  // scales [group of 16 pair-rows][column]
+        decode_rows<true>(panel, q0, nq, out, int4, [&](int64_t q, int c) {
+          const int64_t i = q / 16 * kPanelCols + c;
+          return src.scale_type == ScaleType::f32 ? f32[i] : __builtin_bit_cast(float, uint32_t(b16[i]) << 16);
+        });
+        break;
+      case Storage::mxfp4:
+        decode_rows<true>(panel, q0, nq, out, e2m1,
+                          [&](int64_t q, int c) { return e8m0(scales[q / 16 * kPanelCols + c]); });
+        break;
+      default:
+        break;
     }
   }
 }
