@@ -16,7 +16,7 @@ import torch
 from helpers import TOL, rel_err
 from hf_models import batch, build, lora_grads, randomize_lora_b, tiny_config, torch_twin
 
-from kt_functional import hf, quant
+from kt_functional import ExpertWeights, hf, quant
 
 QUANTIZATION_CONFIG = {
     "fp8_block": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -201,3 +201,26 @@ def test_quantized_checkpoint_peak_rss(storage, tmp_path):
     transient = r["peak"] - r["base"] - kept
     assert transient <= 1.1 * layer + 8 * 2**20, (r, layer, bf16_layer)
     assert transient < bf16_layer, (r, bf16_layer)
+
+
+def test_gpt_oss_mxfp4_rows_interleaved(tmp_path):
+    """gpt-oss stores gate_up_proj_blocks with gate and up rows alternating: load_experts splits them so."""
+    from safetensors.torch import save_file
+
+    E, H, I = 4, 64, 40
+    gen = torch.Generator().manual_seed(3)
+    gate, up, down = (torch.randn(E, o, i, generator=gen) * 0.1 for o, i in ((I, H), (I, H), (H, I)))
+    interleaved = torch.stack([gate, up], dim=2).reshape(E, 2 * I, H)  # rows g0, u0, g1, u1, ...
+    tensors = {}
+    for name, w in (("gate_up_proj", interleaved), ("down_proj", down)):
+        blocks, scales = quant.quantize("mxfp4", w)
+        tensors[f"model.layers.0.mlp.experts.{name}_blocks"] = blocks
+        tensors[f"model.layers.0.mlp.experts.{name}_scales"] = scales
+    save_file(tensors, tmp_path / "model.safetensors")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"model_type": "gpt_oss", "quantization_config": QUANTIZATION_CONFIG["mxfp4"]}, f)
+    (layer, weights), = hf.load_experts(tmp_path)
+    expected = ExpertWeights.from_tensors(gate, up, down, storage="mxfp4")
+    assert layer == 0 and weights.storage == "mxfp4"
+    for a, b in zip(weights.dequantize(), expected.dequantize()):
+        assert torch.equal(a, b)
