@@ -64,10 +64,10 @@ def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int4 values [E, out, in] in [-8, 7] -> int32 [E, out, ceil(in/8)] as compressed-tensors packs them."""
-    u = _pad_last(q.to(torch.int64) + 8, 8)
-    words = (u.reshape(*u.shape[:-1], -1, 8) << torch.arange(0, 32, 4)).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    """int4 values [E, out, in] in [-8, 7] -> int32 [E, out, ceil(in/8)] as compressed-tensors packs them
+    (element i as q + 8 in bits 4 (i % 8) of word i / 8: two per byte, little-endian words)."""
+    u = _pad_last((q + 8).to(torch.uint8), 8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous().view(torch.int32)
 
 
 def quantize_int4_group(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ namespace {
 // treats denormal inputs as zero); NaN cannot occur (scales and codes are validated when packed).
 inline bf16 decoded_bf16(float f) {
   uint32_t u = __builtin_bit_cast(uint32_t, f);
-  u &= 0u - uint32_t((u & 0x7f800000u) != 0) | 0x80000000u;
+  u &= (0u - uint32_t((u & 0x7f800000u) != 0)) | 0x80000000u;
   return bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 

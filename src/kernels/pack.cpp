@@ -55,7 +55,7 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
 
 constexpr int64_t kDecodeChunk = 16;  // source panels decoded at a time for a transposed operand
 
-bool four_bit(Storage s) { return s == Storage::int4_group || s == Storage::mxfp4; }
+constexpr bool four_bit(Storage s) { return s == Storage::int4_group || s == Storage::mxfp4; }
 
 // Bytes of one panel's codes and scales (QuantPanels) for Kp rows.
 int64_t code_bytes(Storage s, int64_t Kp) { return Kp * kPanelCols / (four_bit(s) ? 2 : 1); }
@@ -74,51 +74,65 @@ int64_t scale_bytes(Storage s, ScaleType t, int64_t Kp) {
 
 // Code of W[o][k] of one expert's projection in the checkpoint's layout (QuantSource), as
 // QuantPanels stores it (int4: two's complement nibble).
-uint8_t source_code(Storage s, const void* codes, int64_t in, int64_t o, int64_t k) {
-  switch (s) {
-    case Storage::int4_group: {
-      const uint32_t word = static_cast<const uint32_t*>(codes)[o * ceil_div(in, 8) + k / 8];
-      return uint8_t(((word >> (4 * (k % 8))) & 0xf) ^ 8);  // stored as q + 8
-    }
-    case Storage::mxfp4: {
-      const uint8_t byte = static_cast<const uint8_t*>(codes)[(o * ceil_div(in, 32) + k / 32) * 16 + (k % 32) / 2];
-      return (byte >> (4 * (k & 1))) & 0xf;
-    }
-    default:
-      return static_cast<const uint8_t*>(codes)[o * in + k];
+template <Storage S>
+uint8_t source_code(const void* codes, int64_t in, int64_t o, int64_t k) {
+  if constexpr (S == Storage::int4_group) {
+    const uint32_t word = static_cast<const uint32_t*>(codes)[o * ceil_div(in, 8) + k / 8];
+    return uint8_t(((word >> (4 * (k % 8))) & 0xf) ^ 8);  // stored as q + 8
+  } else if constexpr (S == Storage::mxfp4) {
+    const uint8_t byte = static_cast<const uint8_t*>(codes)[(o * ceil_div(in, 32) + k / 32) * 16 + (k % 32) / 2];
+    return (byte >> (4 * (k & 1))) & 0xf;
+  } else {
+    return static_cast<const uint8_t*>(codes)[o * in + k];
   }
 }
 
 // Packs one expert's projection W [out][in] (B[k][n] = W[n][k]) into the quantized panels
 // first_panel, first_panel + panel_step, ... of `base` (zero-filled beforehand).
-void pack_quantized(Storage s, ScaleType t, const QuantSource& src, int64_t out, int64_t in, int64_t Kp,
-                    uint8_t* base, int64_t panel_bytes, int64_t scale_offset, int64_t first_panel, int64_t panel_step) {
+template <Storage S>
+void pack_quantized(ScaleType t, const QuantSource& src, int64_t out, int64_t in, uint8_t* base, int64_t panel_bytes,
+                    int64_t scale_offset, int64_t first_panel, int64_t panel_step) {
   const int64_t groups = ceil_div(in, 32), blocks = ceil_div(in, 128);
-  const size_t scale_size = t == ScaleType::f32 ? 4 : 2;
+  const size_t scale_size = S == Storage::mxfp4 ? 1 : t == ScaleType::f32 ? 4 : 2;
   for (int64_t j = 0; j * kPanelCols < out; ++j) {
     uint8_t* panel = base + (first_panel + j * panel_step) * panel_bytes;
     uint8_t* scales = panel + scale_offset;
     const int64_t o0 = j * kPanelCols, cols = std::min<int64_t>(kPanelCols, out - o0);
-    if (s == Storage::fp8_block)  // the panel's columns share one row of 128-blocks
+    if constexpr (S == Storage::fp8_block)  // the panel's columns share one row of 128-blocks
       std::memcpy(scales, static_cast<const float*>(src.scales) + (o0 / 128) * blocks, blocks * 4);
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t o = o0 + c;
       for (int64_t k = 0; k < in; ++k) {
-        const uint8_t code = source_code(s, src.codes, in, o, k);
+        const uint8_t code = source_code<S>(src.codes, in, o, k);
         const int64_t pos = 2 * c + (k & 1), q = k >> 1;
-        if (four_bit(s))
+        if constexpr (four_bit(S))
           panel[q * kPanelCols + (pos & 15)] |= uint8_t(code << (pos >= 16 ? 4 : 0));
         else
           panel[q * 2 * kPanelCols + pos] = code;
       }
-      if (s == Storage::int8) {
+      if constexpr (S == Storage::int8) {
         std::memcpy(scales + c * 4, static_cast<const float*>(src.scales) + o, 4);
-      } else if (s == Storage::int4_group || s == Storage::mxfp4) {
-        const size_t size = s == Storage::mxfp4 ? 1 : scale_size;
-        const uint8_t* from = static_cast<const uint8_t*>(src.scales) + o * groups * size;
-        for (int64_t g = 0; g < groups; ++g) std::memcpy(scales + (g * kPanelCols + c) * size, from + g * size, size);
+      } else if constexpr (four_bit(S)) {
+        const uint8_t* from = static_cast<const uint8_t*>(src.scales) + o * groups * scale_size;
+        for (int64_t g = 0; g < groups; ++g)
+          std::memcpy(scales + (g * kPanelCols + c) * scale_size, from + g * scale_size, scale_size);
       }
     }
+  }
+}
+
+void pack_quantized(Storage s, ScaleType t, const QuantSource& src, int64_t out, int64_t in, uint8_t* base,
+                    int64_t panel_bytes, int64_t scale_offset, int64_t first_panel, int64_t panel_step) {
+  auto run = [&](auto fn) { fn(t, src, out, in, base, panel_bytes, scale_offset, first_panel, panel_step); };
+  switch (s) {
+    case Storage::int8:
+      return run(pack_quantized<Storage::int8>);
+    case Storage::fp8_block:
+      return run(pack_quantized<Storage::fp8_block>);
+    case Storage::int4_group:
+      return run(pack_quantized<Storage::int4_group>);
+    default:
+      return run(pack_quantized<Storage::mxfp4>);
   }
 }
 
@@ -273,12 +287,11 @@ PackedExperts::PackedExperts(int64_t E_, int64_t H_, int64_t I_, const Quantized
       const int64_t bytes = layouts_[f].panels * panel_bytes_[f];
       uint8_t* d = quant_[f].data() + e * bytes;
       std::fill(d, d + bytes, uint8_t(0));
-      const int64_t Kp = layouts_[f].Kp;
       if (f == 0) {  // gate and up panels interleaved
-        pack_quantized(storage, scale_type, expert(src.gate, e, I, H), I, H, Kp, d, panel_bytes_[0], scale_offset_[0], 0, 2);
-        pack_quantized(storage, scale_type, expert(src.up, e, I, H), I, H, Kp, d, panel_bytes_[0], scale_offset_[0], 1, 2);
+        pack_quantized(storage, scale_type, expert(src.gate, e, I, H), I, H, d, panel_bytes_[0], scale_offset_[0], 0, 2);
+        pack_quantized(storage, scale_type, expert(src.up, e, I, H), I, H, d, panel_bytes_[0], scale_offset_[0], 1, 2);
       } else {
-        pack_quantized(storage, scale_type, expert(src.down, e, H, I), H, I, Kp, d, panel_bytes_[1], scale_offset_[1], 0, 1);
+        pack_quantized(storage, scale_type, expert(src.down, e, H, I), H, I, d, panel_bytes_[1], scale_offset_[1], 0, 1);
       }
     });
   });
