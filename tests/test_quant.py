@@ -239,3 +239,18 @@ def test_errors_name_the_argument():
         K.ExpertWeights.from_quantized("int4_group", (i4[0][0][..., :7], i4[0][1]), *i4[1:])
     with pytest.raises(TypeError, match=r"gate\[1\]"):
         K.ExpertWeights.from_quantized("int4_group", (i4[0][0], i4[0][1].to(torch.int32)), *i4[1:])
+
+
+def test_results_do_not_depend_on_threads(isa):
+    prob = make_problem(**CASES["awkward"], seed=21)
+    gy = make_gy(prob)
+    outs = []
+    for storage in ("int8", "mxfp4"):
+        weights = quantized_weights(prob, storage)
+        for threads in (1, 2, 2):
+            y, grads = fwd_bwd(ktf().MoEState(weights, make_lora(prob), threads=threads, isa=isa), prob.x, prob.ids,
+                               prob.w, gy)
+            outs.append((storage, y, grads_dict(grads)))
+    for storage, y, g in outs:
+        first = next(o for o in outs if o[0] == storage)
+        assert torch.equal(y, first[1]) and all(torch.equal(t, first[2][k]) for k, t in g.items()), storage
