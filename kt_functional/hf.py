@@ -12,6 +12,7 @@ the LoRA as a PEFT adapter), it deep-copies and pickles, and unpatch_model gives
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -20,8 +21,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import distributed
 from .state import _LORA_NAMES, ExpertWeights, _default_threads
 from .torch import KTExperts
 
@@ -147,20 +150,33 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") ->
 
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
                 checkpoint: str | os.PathLike | None = None, lora_dtype: torch.dtype = torch.float32,
-                isa: str | None = None, freeze_base: bool = True, seed: int = 0) -> nn.Module:
+                isa: str | None = None, freeze_base: bool = True, seed: int = 0, owner_rank: int | None = None,
+                lora_grad_reduction: str = "sum", timeout: datetime.timedelta | None = None) -> nn.Module:
     """Moves the routed experts of every MoE block into kt-functional; returns the model.
 
     The torch expert weights are packed and then freed. With checkpoint=, the packed weights are
     read from that safetensors checkpoint instead (the model's own expert weights may then be
     empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
     only the LoRA parameters trainable (set requires_grad on a router to train it too).
+
+    owner_rank=r with torch.distributed initialised with more than one rank (collective: every rank
+    calls it): rank r alone holds the packed experts and their LoRA; every rank's MoE blocks send
+    their tokens to it (kt_functional.distributed). The owner's LoRA gradients cover every rank's
+    tokens: summed (lora_grad_reduction="sum") or divided by the number of ranks ("mean", as DDP
+    averages the other gradients). timeout: how long a rank waits for the others (default: the
+    default process group's). Without torch.distributed (or with one rank) owner_rank changes nothing.
     """
     _model_type(model)
     experts = _experts_modules(model)
     for name, module in experts:
         _check_experts(name, module)
     threads = threads or _default_threads()
-    if checkpoint is not None:
+    group = None
+    if owner_rank is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
+        distributed._lora_grad_scale(group, lora_grad_reduction)  # checks it before anything changes
+    remote = group is not None and not group.is_owner
+    if checkpoint is not None and not remote:
         packed = dict(load_experts(checkpoint, threads=threads))
         wanted = {_layer_index(name) for name, _ in experts}
         missing = sorted(wanted - packed.keys())
@@ -175,17 +191,28 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             p.requires_grad_(False)
     for name, module in experts:
         layer = _layer_index(name)
-        if checkpoint is not None:
+        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
+        if remote:
+            weights = None
+        elif checkpoint is not None:
             weights = packed.pop(layer)
         else:
             if module.gate_up_proj.is_meta or module.down_proj.is_meta:
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
             weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, threads=threads)
-        dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
-        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
-        if dims != expected:
-            raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects {expected}")
-        kt = KTExperts(weights, lora_rank, lora_alpha, threads, isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        if weights is not None:
+            dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+            if dims != expected:
+                raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects "
+                                 f"{expected}")
+        kt_args = (weights, lora_rank, lora_alpha, threads)
+        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        if group is None:
+            kt = KTExperts(*kt_args, **kt_kwargs)
+        elif remote:
+            kt = distributed.RemoteExperts(group, *expected)
+        else:
+            kt = distributed.OwnerExperts(group, *kt_args, lora_grad_reduction=lora_grad_reduction, **kt_kwargs)
         kt.peft_param_order = [p for p in module._parameters if p in ("gate_up_proj", "down_proj")]
         if use_interface:
             del module.gate_up_proj, module.down_proj  # frees the torch expert weights
@@ -198,8 +225,15 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, kt)
             holder = kt
-        holder.register_state_dict_post_hook(_experts_state_dict_hook)
-        holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+        if not remote:  # a non-owner rank has no base weights to save or load
+            holder.register_state_dict_post_hook(_experts_state_dict_hook)
+            holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+    if group is not None and group.is_owner:
+        # The LoRA lives on the owner only: DDP over the other parameters must not wait for it.
+        from torch.nn.parallel import DistributedDataParallel
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, distributed.OwnerExperts)
+                    for p, _ in m.named_parameters(recurse=False)])
     if hasattr(type(model), "save_pretrained"):
         model.save_pretrained = _SavePretrained(model)
     return model
@@ -288,13 +322,18 @@ class _SavePretrained:
 
     def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
         model = self.model
+        group = distributed.group_of(model)
+        if group is not None and not group.is_owner:
+            raise RuntimeError(f"save_pretrained: rank {group.rank} does not hold the experts (rank {group.owner} "
+                               "owns them): call save_pretrained on the owner rank; hf.save_adapter(model, directory) "
+                               "on every rank writes the adapter")
         if state_dict is None:
             state_dict = model.state_dict()
         lora_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, KTExperts)
                      for p, _ in m.named_parameters(recurse=False)}
         state_dict = {k: v for k, v in state_dict.items() if k not in lora_keys}
         if is_main_process and any(kt.lora_rank for _, kt in kt_layers(model)):
-            save_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
+            _write_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
         return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
                                            state_dict=state_dict, **kwargs)
 
@@ -319,6 +358,9 @@ def unpatch_model(model: nn.Module, merge_lora: bool = False) -> nn.Module:
     """
     if not isinstance(merge_lora, bool):
         raise TypeError(f"merge_lora: expected a bool, got {merge_lora!r}")
+    if distributed.group_of(model) is not None:
+        raise ValueError("model: it was patched with owner_rank (its experts live on one rank); unpatch_model "
+                         "restores a single-process patched model only")
     layers = kt_layers(model)
     if not layers:
         raise ValueError("model: it has no kt-functional experts; nothing to unpatch")
@@ -488,8 +530,17 @@ def save_adapter(model: nn.Module, save_directory) -> None:
     """Writes the experts' LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
 
     peft.PeftModel.from_pretrained(unpatched_model, save_directory) then computes what the patched
-    model computes.
+    model computes. A model patched with owner_rank: every rank calls it (collective); the owner
+    writes the adapter (the same file a single process writes) and every rank returns once it is written.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _write_adapter(model, save_directory)
+    else:
+        group.run_on_owner(lambda: _write_adapter(model, save_directory))
+
+
+def _write_adapter(model: nn.Module, save_directory) -> None:
     from safetensors.torch import save_file
 
     layers = _patched_layers(model)
@@ -571,8 +622,18 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     """Loads a PEFT LoRA adapter on the v5 expert parameters (e.g. one save_adapter wrote) into a patched model.
 
     The KTExperts' LoRA parameters are replaced (their rank follows the adapter): build the
-    optimizer after loading. Returns the model.
+    optimizer after loading. Returns the model. A model patched with owner_rank: every rank calls it
+    (collective); the owner reads the adapter and every rank returns once it is loaded.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _read_adapter(model, adapter_directory)
+    else:
+        group.run_on_owner(lambda: _read_adapter(model, adapter_directory))
+    return model
+
+
+def _read_adapter(model: nn.Module, adapter_directory) -> None:
     from safetensors.torch import load_file
 
     layers = kt_layers(model)
@@ -623,7 +684,6 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     for kt, tensors, alpha in loaded:  # all layers validated before any is changed
         dtype = kt.gate_a.dtype if kt.lora_rank else torch.float32
         kt.set_lora({n: t.to(dtype) for n, t in tensors.items()}, alpha)
-    return model
 
 
 __all__ = ["patch_model", "unpatch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin",
