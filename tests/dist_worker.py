@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 
 import torch
 
@@ -73,11 +74,12 @@ def hf_tokens(rank: int, step: int | None = None, micro: int = 0) -> torch.Tenso
 
 
 def embeds_and_grads(model, tokens):
-    """(logits, d loss / d input embeddings) of one batch."""
+    """(logits, d loss / d input embeddings, distributed expert caches alive between forward and backward)."""
     emb = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
     out = model(inputs_embeds=emb, labels=tokens)
+    caches_kept = len(distributed._HOLDERS)
     out.loss.backward()
-    return out.logits.detach(), emb.grad
+    return out.logits.detach(), emb.grad, caches_kept
 
 
 def _functional(rank: int, world: int, out: dict) -> None:
@@ -114,7 +116,7 @@ def _hf(rank: int, world: int, out: dict) -> None:
     model = hf_model(owner_rank=0, lora_grad_reduction="mean")
     out["num_lora_params"] = sum(1 for n, _ in model.named_parameters() if ".kt_experts." in n)
     out["expert_bytes"] = sum(kt.weights.nbytes for _, kt in hf.kt_layers(model))
-    out["logits"], out["embed_grad"] = embeds_and_grads(model, hf_tokens(rank))
+    out["logits"], out["embed_grad"], out["caches_kept"] = embeds_and_grads(model, hf_tokens(rank))
     if rank == 0:
         out["lora_grads"] = lora_grads(model)
 
@@ -130,6 +132,8 @@ def _hf(rank: int, world: int, out: dict) -> None:
         for micro in range(HF_MICRO):
             tokens = hf_tokens(rank, step, micro)
             loss = ddp(input_ids=tokens, labels=tokens).loss
+            if step == micro == 0:  # checkpointing keeps no expert cache between the forward and the backward
+                out["caches_kept_by_checkpointing"] = len(distributed._HOLDERS)
             loss.backward()
             total += loss.item()
         opt.step()
@@ -151,13 +155,29 @@ def _hf(rank: int, world: int, out: dict) -> None:
 
 
 def _failure(rank: int, world: int, out: dict) -> None:
+    """Rank 1 raises and exits before its forward: rank 0's forward fails at once, naming the cause."""
     model = hf_model(owner_rank=0)
     if rank == 1:
         raise RuntimeError("rank 1 fails before its forward")
     model(hf_tokens(rank))
 
 
-SCENARIOS = {"functional": _functional, "hf": _hf, "failure": _failure}
+def _stall(rank: int, world: int, out: dict) -> None:
+    """Rank 1 stays alive but never calls the expert layer: rank 0 fails after the group's timeout."""
+    model = hf_model(owner_rank=0)
+    if rank == 1:  # alive until rank 0 has written its result (at most a while past the timeout)
+        deadline = time.monotonic() + float(os.environ["KT_TEST_DIST_TIMEOUT"]) + 30
+        while not os.path.exists(os.path.join(os.environ["KT_TEST_OUT"], "rank0.pt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return
+    started = time.monotonic()
+    try:
+        model(hf_tokens(rank))
+    except distributed.ExchangeError as e:
+        out["error"], out["waited_s"] = str(e), time.monotonic() - started
+
+
+SCENARIOS = {"functional": _functional, "hf": _hf, "failure": _failure, "stall": _stall}
 
 
 def main() -> None:

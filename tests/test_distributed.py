@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 import dist_worker as worker  # noqa: E402
 from helpers import TOL, rel_err  # noqa: E402
-from hf_models import lora_grads  # noqa: E402
+from hf_models import TINY_CONFIGS, lora_grads  # noqa: E402
 
 import kt_functional as ktf  # noqa: E402
 from kt_functional import hf  # noqa: E402
@@ -120,12 +120,15 @@ def test_hf_two_ranks_ddp_checkpointing_accumulation_adapter(tmp_path):
     owner, other = outs
     assert owner["num_lora_params"] > 0 and other["num_lora_params"] == 0
     assert owner["expert_bytes"] > 0 and other["expert_bytes"] == 0
+    layers = TINY_CONFIGS["qwen3_moe"]["num_hidden_layers"]
+    assert [out["caches_kept"] for out in outs] == [layers] * 2
+    assert [out["caches_kept_by_checkpointing"] for out in outs] == [0] * 2
 
     single = worker.hf_model()
     summed = None
     for rank, out in enumerate(outs):
         single.zero_grad(set_to_none=True)
-        logits, embed_grad = worker.embeds_and_grads(single, worker.hf_tokens(rank))
+        logits, embed_grad, _ = worker.embeds_and_grads(single, worker.hf_tokens(rank))
         assert _close(out["logits"], logits), rank
         assert _close(out["embed_grad"], embed_grad), rank
         grads = lora_grads(single)
@@ -161,3 +164,11 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
     assert results[1].returncode != 0 and "rank 1 fails before its forward" in results[1].stderr
     assert results[0].returncode != 0
     assert "kt_functional.distributed: rank 0 of 2 (owner: rank 0)" in results[0].stderr, results[0].stderr[-3000:]
+
+
+def test_a_stalled_rank_times_out(tmp_path):
+    timeout_s = 5
+    owner, _ = _outputs(_spawn("stall", 2, tmp_path, dist_timeout_s=timeout_s), tmp_path)
+    assert owner["error"].startswith("kt_functional.distributed: rank 0 of 2 (owner: rank 0): exchanging the token "
+                                     "counts of an expert layer forward failed"), owner["error"]
+    assert timeout_s - 1 <= owner["waited_s"] <= timeout_s + 10
