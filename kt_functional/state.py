@@ -1,8 +1,10 @@
 """Explicit, immutable state of an expert layer: packed weights, LoRA adapters, worker pool."""
 from __future__ import annotations
 
+import glob
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -97,7 +99,12 @@ class ExpertWeights:
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
             raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
-        pool = _core.Pool(threads or _default_threads())
+        return cls._pack(gate, up, down, _core.Pool(threads or _default_threads()), backward_weights)
+
+    @classmethod
+    def _pack(cls, gate, up, down, pool: _core.Pool, backward_weights: str) -> "ExpertWeights":
+        """Packs checked tensors on pool's workers (so the pages are first touched where they run)."""
+        E, I, H = gate.shape
         packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
                                      backward_weights == "resident")
         return cls(packed, E, H, I, backward_weights)
@@ -119,6 +126,9 @@ def _unpickle_expert_weights(gate, up, down, backward_weights: str) -> ExpertWei
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+# The axis of each LoRA tensor along I: a partition takes its slice there; None: shared by every partition
+# (its gradient is the sum of the partitions').
+PARTITION_AXIS = {"gate_a": None, "gate_b": 1, "up_a": None, "up_b": 1, "down_a": 2, "down_b": None}
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,19 +225,71 @@ class LoRA:
         )
 
 
+def numa_nodes() -> list[tuple[int, ...]]:
+    """The CPUs of each NUMA node this process may run on (from /sys/devices/system/node); one entry holding
+    every allowed CPU where Linux reports no nodes."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    nodes = []
+    for path in sorted(glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"),
+                       key=lambda p: int(p.split("/node")[-1].split("/")[0])):
+        with open(path) as f:
+            cpus = set()
+            for part in f.read().strip().split(","):
+                if part:
+                    lo, _, hi = part.partition("-")
+                    cpus.update(range(int(lo), int(hi or lo) + 1))
+        if cpus & allowed:
+            nodes.append(tuple(sorted(cpus & allowed)))
+    return nodes or [tuple(sorted(allowed))]
+
+
+def _split(n: int, parts: int, align: int = 32) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of n split into parts near-equal pieces, on multiples of align where n allows."""
+    unit = align if n >= align * parts else 1
+    units = -(-n // unit)
+    bounds = [min(n, unit * (units * p // parts)) for p in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# weights -> {(ranges, pools' keys): per-partition ExpertWeights}: states that differ only in their LoRA
+# (dataclasses.replace, the torch adapter's per-call states) share one packed copy per partition.
+_PARTITIONED: "weakref.WeakKeyDictionary[ExpertWeights, dict]" = weakref.WeakKeyDictionary()
+
+
+def _partition_weights(weights: ExpertWeights, ranges, pools, pool_keys) -> tuple[ExpertWeights, ...]:
+    cached = _PARTITIONED.setdefault(weights, {})
+    key = (tuple(ranges), tuple(pool_keys))
+    if key not in cached:
+        gate, up, down = weights.dequantize()  # exact bf16 values; one layer in fp32 while packing
+        cached[key] = tuple(ExpertWeights._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool,
+                                                weights.backward_weights)
+                            for (lo, hi), pool in zip(ranges, pools))
+    return cached[key]
+
+
 @dataclass(frozen=True, eq=False)
 class MoEState:
     """Everything a call needs: packed weights, optional LoRA, thread count and ISA path.
 
     Workers come from a pool shared by all states with the same thread count.
+
+    partitions=N splits every expert's intermediate dimension I into N slices, each with its own worker pool
+    (threads split between them) and its own packed copy of its slice of the weights, packed by that pool;
+    a call runs the partitions at once and sums their partial results in a fixed order (deterministic).
+    numa=True makes one partition per NUMA node (numa_nodes()), its workers pinned to the node's CPUs, so
+    each node's weights are first touched, and then streamed, by that node. The partitions' weights are
+    packed from `weights` (dequantized exactly): `weights` itself is not used by the calls.
     """
 
     weights: ExpertWeights
     lora: LoRA | None = None
     threads: int = 2
     isa: str | None = None
-    _pool: _core.Pool = field(init=False, repr=False)
+    partitions: int = 1
+    numa: bool = False
+    _pool: _core.Pool | None = field(default=None, repr=False)  # given only to the states of partitions
     _token: object = field(init=False, repr=False)  # identifies this state's caches
+    _parts: tuple = field(init=False, repr=False)  # one LoRA-sliced state per partition; () when unpartitioned
 
     def __post_init__(self):
         if not isinstance(self.weights, ExpertWeights):
@@ -250,11 +312,49 @@ class MoEState:
         if isa not in _core.runnable_isas():
             raise ValueError(f"isa: '{isa}' cannot run here; available: {_core.runnable_isas()}")
         object.__setattr__(self, "isa", isa)
-        object.__setattr__(self, "_pool", _core.Pool(self.threads))
         object.__setattr__(self, "_token", object())
+        object.__setattr__(self, "_parts", self._partition())
+        if self._pool is None and not self._parts:
+            object.__setattr__(self, "_pool", _core.Pool(self.threads))
+
+    def _partition(self) -> tuple:
+        if not isinstance(self.numa, bool):
+            raise TypeError(f"numa: expected a bool, got {self.numa!r}")
+        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ValueError(f"partitions: expected an int >= 1, got {self.partitions!r}")
+        nodes = numa_nodes() if self.numa else []
+        n = len(nodes) if self.numa and self.partitions == 1 else self.partitions
+        if self.numa and n != len(nodes):
+            raise ValueError(f"partitions: numa=True makes one partition per NUMA node ({len(nodes)} here), "
+                             f"got partitions={self.partitions}")
+        I = self.weights.intermediate_size
+        if n > I:
+            raise ValueError(f"partitions: at most I = {I} partitions, got {n}")
+        if n == 1:
+            return ()
+        # Pinned only where there are several nodes: on one node every partition may use every CPU.
+        cpus = nodes if len(nodes) > 1 else [()] * n
+        threads = [self.threads // n + (p < self.threads % n) or 1 for p in range(n)]
+        pool_keys = [(t, p + 1, c) for p, (t, c) in enumerate(zip(threads, cpus))]
+        pools = [_core.Pool(*key) for key in pool_keys]
+        ranges = _split(I, n)
+        weights = _partition_weights(self.weights, ranges, pools, pool_keys)
+        parts = []
+        for (lo, hi), w, pool, t in zip(ranges, weights, pools, threads):
+            lora = None
+            if self.lora is not None:
+                sliced = {name: getattr(self.lora, name) if axis is None
+                          else getattr(self.lora, name).narrow(axis, lo, hi - lo) for name, axis in PARTITION_AXIS.items()}
+                lora = LoRA(**sliced, alpha=self.lora.alpha)
+            parts.append(MoEState(w, lora, threads=t, isa=self.isa, _pool=pool))
+        return tuple(parts)
+
+    def partition_states(self) -> tuple["MoEState", ...]:
+        """The states the calls run: one per partition (LoRA slices are views: optimizer steps show), or (self,)."""
+        return self._parts or (self,)
 
     def __reduce__(self):  # the pool and cache token are per process and per state: made anew
-        return MoEState, (self.weights, self.lora, self.threads, self.isa)
+        return MoEState, (self.weights, self.lora, self.threads, self.isa, self.partitions, self.numa)
 
     def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
         """Pointers of the LoRA tensors as they are now, and the tensors to keep alive meanwhile."""
@@ -270,4 +370,4 @@ class MoEState:
         return tuple(getattr(self.lora, name)._version for name in _LORA_NAMES)
 
 
-__all__ = ["ExpertWeights", "LoRA", "MoEState"]
+__all__ = ["ExpertWeights", "LoRA", "MoEState", "numa_nodes"]

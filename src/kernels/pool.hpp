@@ -77,7 +77,8 @@ class Job {
 
 class Pool {
  public:
-  explicit Pool(int nthreads);
+  // cpus: the CPUs the workers are pinned to (empty: not pinned), e.g. one NUMA node's.
+  explicit Pool(int nthreads, std::vector<int> cpus = {});
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
@@ -87,12 +88,14 @@ class Pool {
     submit(job);
     job->wait();
   }
-  // One pool per thread count, shared by every state that asks for that count (so layers do
-  // not oversubscribe the cores), kept alive by its users.
-  static std::shared_ptr<Pool> shared(int nthreads);
+  // One pool per (thread count, slot, CPUs), shared by every state that asks for it (so layers do
+  // not oversubscribe the cores), kept alive by its users. Distinct slots give distinct pools that
+  // run at the same time (one per partition of a partitioned state).
+  static std::shared_ptr<Pool> shared(int nthreads, int slot = 0, const std::vector<int>& cpus = {});
 
  private:
   void worker_loop(int tid);
+  std::vector<int> cpus_;
   void start_next_locked();
   std::vector<std::thread> workers_;
   std::mutex mutex_;
