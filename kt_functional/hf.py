@@ -150,7 +150,8 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") ->
 
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
                 checkpoint: str | os.PathLike | None = None, lora_dtype: torch.dtype = torch.float32,
-                isa: str | None = None, freeze_base: bool = True, seed: int = 0, owner_rank: int | None = None,
+                isa: str | None = None, freeze_base: bool = True, seed: int = 0, partitions: int = 1,
+                numa: bool = False, owner_rank: int | None = None,
                 lora_grad_reduction: str = "sum", timeout: datetime.timedelta | None = None) -> nn.Module:
     """Moves the routed experts of every MoE block into kt-functional; returns the model.
 
@@ -158,6 +159,7 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     read from that safetensors checkpoint instead (the model's own expert weights may then be
     empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
     only the LoRA parameters trainable (set requires_grad on a router to train it too).
+    partitions / numa: split every layer's experts across worker pools / NUMA nodes (MoEState).
 
     owner_rank=r with torch.distributed initialised with more than one rank (collective: every rank
     calls it): rank r alone holds the packed experts and their LoRA; every rank's MoE blocks send
@@ -206,7 +208,7 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
                 raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects "
                                  f"{expected}")
         kt_args = (weights, lora_rank, lora_alpha, threads)
-        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer, partitions=partitions, numa=numa)
         if group is None:
             kt = KTExperts(*kt_args, **kt_kwargs)
         elif remote:

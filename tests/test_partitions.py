@@ -3,6 +3,7 @@ reduced in a fixed order. Against the fp32 reference (MATH.md tolerance), agains
 run to run, on every ISA path."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
@@ -94,3 +95,24 @@ def test_partitioned_state_errors_pickle_and_replace():
     # States that differ only in their LoRA share the partitions' packed weights.
     other = replace(state, lora=None)
     assert [p.weights for p in other.partition_states()] == [p.weights for p in state.partition_states()]
+
+
+def test_patch_model_with_partitions():
+    pytest.importorskip("transformers")
+    from hf_models import batch, build, lora_grads, randomize_lora_b
+
+    from kt_functional import hf
+
+    base = build("qwen3_moe")
+    results = []
+    for partitions in (1, 2):
+        model = hf.patch_model(copy.deepcopy(base), lora_rank=4, lora_alpha=8, threads=2, partitions=partitions)
+        randomize_lora_b(model)
+        ids = batch()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), lora_grads(model)))
+    (loss1, grads1), (loss2, grads2) = results
+    assert abs(loss2 - loss1) <= TOL * loss1
+    for key, g in grads1.items():
+        assert rel_err(grads2[key], g) <= TOL, key
