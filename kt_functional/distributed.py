@@ -177,8 +177,10 @@ def _raise_for_rank_errors(group: ExpertGroup, table: torch.Tensor, error: Excep
                            f"invalid (their error says why); every rank of the expert group raised")
 
 
-# One row per rank in the forward's all-gather.
+# One row per rank in the forward's all-gather: its check result, sizes, x dtype, save flag, ids range, and
+# (the owner's row) the experts' E and H.
 _ERROR, _T, _K, _H, _X_FP32, _SAVE, _IDS_LO, _IDS_HI, _E, _OWNER_H = range(10)
+_ROW = 10
 
 
 def _check_forward_table(group: ExpertGroup, table: torch.Tensor) -> None:
@@ -257,7 +259,7 @@ def moe_forward(state: MoEState | None, x, ids, w, *, group: ExpertGroup, save_f
     (None without save_for_backward) goes to the collective moe_backward.
     """
     group = _check_group(group)
-    error, row = None, [1] + [0] * (_OWNER_H)
+    error, row = None, [1] + [0] * (_ROW - 1)  # the row of a rank whose checks failed
     try:
         _check_state(group, state)
         x, x_np = as_tensor(x, "x")
@@ -442,10 +444,10 @@ def experts(group: ExpertGroup, x: torch.Tensor, ids: torch.Tensor, w: torch.Ten
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def _lora_grad_scale(group: ExpertGroup, reduction: str) -> float:
+def check_lora_grad_reduction(reduction: str) -> str:
     if reduction not in LORA_GRAD_REDUCTIONS:
         raise ValueError(f"lora_grad_reduction: expected one of {LORA_GRAD_REDUCTIONS}, got {reduction!r}")
-    return 1.0 if reduction == "sum" else 1.0 / group.size
+    return reduction
 
 
 class OwnerExperts(KTExperts):
@@ -458,7 +460,7 @@ class OwnerExperts(KTExperts):
     def __init__(self, group: ExpertGroup, *args, lora_grad_reduction: str = "sum", **kwargs):
         super().__init__(*args, **kwargs)
         self.expert_group = _check_group(group)
-        self.lora_grad_scale = _lora_grad_scale(group, lora_grad_reduction)
+        self.lora_grad_scale = 1.0 if check_lora_grad_reduction(lora_grad_reduction) == "sum" else 1.0 / group.size
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

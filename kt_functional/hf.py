@@ -173,10 +173,12 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     for name, module in experts:
         _check_experts(name, module)
     threads = threads or _default_threads()
+    distributed.check_lora_grad_reduction(lora_grad_reduction)
+    if owner_rank is not None and (isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or owner_rank < 0):
+        raise TypeError(f"owner_rank: expected a rank (an int >= 0) or None, got {owner_rank!r}")
     group = None
     if owner_rank is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
-        distributed._lora_grad_scale(group, lora_grad_reduction)  # checks it before anything changes
     remote = group is not None and not group.is_owner
     if checkpoint is not None and not remote:
         packed = dict(load_experts(checkpoint, threads=threads))

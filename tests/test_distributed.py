@@ -172,3 +172,20 @@ def test_a_stalled_rank_times_out(tmp_path):
     assert owner["error"].startswith("kt_functional.distributed: rank 0 of 2 (owner: rank 0): exchanging the token "
                                      "counts of an expert layer forward failed"), owner["error"]
     assert timeout_s - 1 <= owner["waited_s"] <= timeout_s + 10
+
+
+def test_owner_rank_without_torch_distributed_patches_locally():
+    from hf_models import build
+
+    from kt_functional import distributed
+
+    model = hf.patch_model(build("qwen3_moe"), lora_rank=4, threads=1, owner_rank=0, lora_grad_reduction="mean")
+    assert distributed.group_of(model) is None
+    assert hf.kt_layers(model) and not any(isinstance(kt, distributed.OwnerExperts) for _, kt in hf.kt_layers(model))
+    with pytest.raises(ValueError, match="lora_grad_reduction: expected one of"):
+        hf.patch_model(build("qwen3_moe"), owner_rank=0, lora_grad_reduction="average")
+    with pytest.raises(TypeError, match="owner_rank: expected a rank"):
+        hf.patch_model(build("qwen3_moe"), owner_rank="0")
+    with pytest.raises(TypeError, match="group: expected an ExpertGroup"):
+        distributed.moe_forward(None, torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
+                                group=None)
