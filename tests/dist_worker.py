@@ -108,6 +108,9 @@ def _functional(rank: int, world: int, out: dict) -> None:
         distributed.moe_backward(state, cache, gy, group=group)
     except (RuntimeError, ValueError) as e:
         out["reused_cache_error"] = f"{type(e).__name__}: {e}"
+    # The last rank sends fp32 x (the owner then computes in fp32); every rank gets y in its x's dtype.
+    mixed = x.float() if rank == world - 1 else x
+    out["y_mixed"], _ = distributed.moe_forward(state, mixed, ids, w, group=group, save_for_backward=False)
 
 
 def _hf(rank: int, world: int, out: dict) -> None:
@@ -164,15 +167,16 @@ def _failure(rank: int, world: int, out: dict) -> None:
 
 def _stall(rank: int, world: int, out: dict) -> None:
     """Rank 1 stays alive but never calls the expert layer: rank 0 fails after the group's timeout."""
-    model = hf_model(owner_rank=0)
+    group = distributed.ExpertGroup.new(0)
     if rank == 1:  # alive until rank 0 has written its result (at most a while past the timeout)
         deadline = time.monotonic() + float(os.environ["KT_TEST_DIST_TIMEOUT"]) + 30
         while not os.path.exists(os.path.join(os.environ["KT_TEST_OUT"], "rank0.pt")) and time.monotonic() < deadline:
             time.sleep(0.2)
         return
+    x, ids, w, _ = functional_inputs(0)
     started = time.monotonic()
     try:
-        model(hf_tokens(rank))
+        distributed.moe_forward(functional_state(), x, ids, w, group=group)
     except distributed.ExchangeError as e:
         out["error"], out["waited_s"] = str(e), time.monotonic() - started
 

@@ -74,6 +74,8 @@ def test_functional_three_ranks_owner_without_tokens(tmp_path):
         y, cache = ktf.moe_forward(state, x, ids, w)
         grads = ktf.moe_backward(state, cache, gy)
         assert out["y"].dtype == torch.bfloat16 and out["dw"].dtype == w.dtype
+        mixed = x.float() if rank == len(outs) - 1 else x
+        assert out["y_mixed"].dtype == mixed.dtype and _close(out["y_mixed"], y)
         assert _close(out["y"], y) and _close(out["dx"], grads.x) and _close(out["dw"], grads.w)
         lora = {name: getattr(grads.lora, name) for name in out_lora_names(outs)}
         summed = lora if summed is None else {n: summed[n] + lora[n] for n in lora}
