@@ -23,7 +23,10 @@ inline bf16 to_bf16(float f) {
 inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.3f ? 88.3f : x;
-  float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+  // Round to nearest by the 1.5 * 2^23 trick: floorf would be a library call that keeps the
+  // epilogue loops from vectorizing.
+  constexpr float kRound = 12582912.0f;
+  float n = (x * 1.44269504f + kRound) - kRound;
   float r = x - n * 0.693145752f - n * 1.42860677e-6f;
   float p = 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -55,25 +58,37 @@ inline float reduce_lanes(const float* acc) {
   return s;
 }
 
+// One column of swiglu_backward; returns dh_raw * h, that column's share of dw.
+template <bool kKeepH>
+inline float swiglu_backward_column(int64_t c, const float* dh_raw, const bf16* g, const bf16* u, float w, bf16* dg,
+                                    bf16* du, bf16* h) {
+  float gf = to_f32(g[c]), uf = to_f32(u[c]);
+  float s = sigmoid(gf);
+  float silu = gf * s;
+  float hv = silu * uf;
+  float dh = w * dh_raw[c];
+  dg[c] = to_bf16(dh * uf * s * (1.0f + gf * (1.0f - s)));
+  du[c] = to_bf16(dh * silu);
+  if constexpr (kKeepH) h[c] = to_bf16(hv);
+  return dh_raw[c] * hv;
+}
+
+// Whole kLanes-wide chunks in a fixed-trip inner loop (that is what vectorizes), then the tail.
+template <bool kKeepH>
+float swiglu_backward_columns(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg,
+                              bf16* du, bf16* h) {
+  float acc[kLanes] = {};
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= n; c0 += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += swiglu_backward_column<kKeepH>(c0 + l, dh_raw, g, u, w, dg, du, h);
+  for (int l = 0; c0 + l < n; ++l) acc[l] += swiglu_backward_column<kKeepH>(c0 + l, dh_raw, g, u, w, dg, du, h);
+  return reduce_lanes(acc);
+}
+
 float swiglu_backward(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg, bf16* du,
                       bf16* h) {
-  float acc[kLanes] = {};
-  for (int64_t c0 = 0; c0 < n; c0 += kLanes) {
-    const int64_t len = n - c0 < kLanes ? n - c0 : kLanes;
-    for (int64_t l = 0; l < len; ++l) {
-      const int64_t c = c0 + l;
-      float gf = to_f32(g[c]), uf = to_f32(u[c]);
-      float s = sigmoid(gf);
-      float silu = gf * s;
-      float hv = silu * uf;
-      acc[l] += dh_raw[c] * hv;
-      float dh = w * dh_raw[c];
-      dg[c] = to_bf16(dh * uf * s * (1.0f + gf * (1.0f - s)));
-      du[c] = to_bf16(dh * silu);
-      if (h) h[c] = to_bf16(hv);
-    }
-  }
-  return reduce_lanes(acc);
+  return h ? swiglu_backward_columns<true>(dh_raw, g, u, n, w, dg, du, h)
+           : swiglu_backward_columns<false>(dh_raw, g, u, n, w, dg, du, h);
 }
 
 void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,

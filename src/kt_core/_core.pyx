@@ -40,7 +40,7 @@ cdef kt.Isa _isa(str name) except *:
 
 
 def release_workspaces():
-    """Unmaps the cached per-call workspaces (kept for reuse, bounded by KT_WORKSPACE_CACHE_MB); returns the bytes."""
+    """Unmaps the cached per-call workspaces (kept for reuse, bounded by the peak in use at once or KT_WORKSPACE_CACHE_MB); returns the bytes."""
     cdef size_t n
     with nogil:
         n = kt.release_workspaces()
