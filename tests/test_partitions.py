@@ -4,6 +4,8 @@ run to run, on every ISA path."""
 from __future__ import annotations
 
 import copy
+import glob
+import os
 import pickle
 
 import pytest
@@ -116,3 +118,30 @@ def test_patch_model_with_partitions():
     assert abs(loss2 - loss1) <= TOL * loss1
     for key, g in grads1.items():
         assert rel_err(grads2[key], g) <= TOL, key
+
+
+def _threads_pinned_to(cpus: str) -> int:
+    """Threads of this process whose allowed CPUs are exactly cpus (as /proc writes the list)."""
+    count = 0
+    for status in glob.glob("/proc/self/task/*/status"):
+        with open(status) as f:
+            if f"Cpus_allowed_list:\t{cpus}\n" in f.read():
+                count += 1
+    return count
+
+
+def test_numa_partitions_pin_their_pools(monkeypatch):
+    """Two (pretend) nodes: each partition's workers are pinned to its node's CPUs; results as one partition's."""
+    import kt_functional.state as state_module
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to pretend they are 2 nodes")
+    cpu0, cpu1 = sorted(os.sched_getaffinity(0))[:2]
+    monkeypatch.setattr(state_module, "numa_nodes", lambda: [(cpu0,), (cpu1,)])
+    K = ktf()
+    prob = make_problem(**CASES["aligned"], seed=340)
+    before = _threads_pinned_to(str(cpu0)), _threads_pinned_to(str(cpu1))
+    state = K.MoEState(make_weights(prob), make_lora(prob), threads=2, numa=True)
+    assert len(state.partition_states()) == 2
+    assert (_threads_pinned_to(str(cpu0)), _threads_pinned_to(str(cpu1))) == (before[0] + 1, before[1] + 1)
+    check_state(state, prob, where="[two pinned partitions]")
