@@ -6,6 +6,7 @@ memory is freed when it is consumed or garbage-collected.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,18 @@ def _forward_inputs(state: MoEState, x, ids, w):
             meta)
 
 
+@contextlib.contextmanager
+def _waiting_on_failure(jobs: list):
+    """If submitting a later partition's job fails, the jobs already running still read this call's tensors:
+    wait for them before the error frees those."""
+    try:
+        yield
+    except BaseException:
+        for job in jobs:
+            job.wait()
+        raise
+
+
 class ForwardHandle:
     """A forward running on the state's worker threads; result() waits (GIL released)."""
 
@@ -139,17 +152,18 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
     parts = state.partition_states()
     y_dtype = meta["x_dtype"] if len(parts) == 1 else torch.float32  # partial results add up in fp32
     jobs, ys, cores, keep_alive = [], [], [], [xb, ids32, wf]
-    for part in parts:
-        lora_args, lora_tensors = part.lora_args()
-        y = torch.empty(T, state.weights.hidden_size, dtype=y_dtype)
-        job, core_cache = _core.submit_forward(
-            part._pool, part.weights.packed, part.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
-            T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
-        )
-        jobs.append(job)
-        ys.append(y)
-        cores.append(core_cache)
-        keep_alive.append(lora_tensors)
+    with _waiting_on_failure(jobs):
+        for part in parts:
+            lora_args, lora_tensors = part.lora_args()
+            y = torch.empty(T, state.weights.hidden_size, dtype=y_dtype)
+            job, core_cache = _core.submit_forward(
+                part._pool, part.weights.packed, part.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
+                T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+            )
+            jobs.append(job)
+            ys.append(y)
+            cores.append(core_cache)
+            keep_alive.append(lora_tensors)
     cache = MoECache(tuple(cores), state, meta, state.lora_versions()) if save_for_backward else None
     return ForwardHandle(jobs, ys, cache, keep_alive, meta)
 
@@ -188,17 +202,18 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     parts = state.partition_states()
     out_dtype = meta["x_dtype"] if len(parts) == 1 else torch.float32  # partial results add up in fp32
     jobs, outs = [], []
-    for part, core in zip(parts, cache._core):
-        dx = torch.empty(T, H, dtype=out_dtype)
-        dw = torch.empty(T, k, dtype=torch.float32)
-        lora_args, lora_tensors = part.lora_args()
-        grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
-        grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
-        jobs.append(_core.submit_backward(
-            part._pool, part.weights.packed, part.isa, core, gyb.data_ptr(), dx.data_ptr(),
-            DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
-        ))
-        outs.append((dx, dw, grads, lora_tensors))  # lora_tensors: read by the job until it ends
+    with _waiting_on_failure(jobs):
+        for part, core in zip(parts, cache._core):
+            dx = torch.empty(T, H, dtype=out_dtype)
+            dw = torch.empty(T, k, dtype=torch.float32)
+            lora_args, lora_tensors = part.lora_args()
+            grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
+            grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+            jobs.append(_core.submit_backward(
+                part._pool, part.weights.packed, part.isa, core, gyb.data_ptr(), dx.data_ptr(),
+                DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
+            ))
+            outs.append((dx, dw, grads, lora_tensors))  # lora_tensors: read by the job until it ends
     cache._core = None  # consumed: the running jobs hold the residuals and free them when done
     for job in jobs:
         job.wait()
