@@ -21,15 +21,20 @@ from hf_models import batch, build, lora_grads, randomize_lora_b  # noqa: E402
 import kt_functional as ktf  # noqa: E402
 from kt_functional import distributed, hf  # noqa: E402
 
-# functional scenario: the owner is rank 1, which has no tokens; every rank's T differs
+# functional scenario: the owner is rank 1, which has no tokens; every rank's T differs (W ranks: the first W)
 FUNCTIONAL_OWNER = 1
 FUNCTIONAL_T = (5, 0, 7)
 E, H, I, K, R = 6, 40, 24, 3, 4
 
 # hf scenario
-HF_SEQ = (9, 14)  # tokens per rank (batch size 1)
+HF_SEQ = (9, 14, 5)  # tokens of rank r (batch size 1); a run with W ranks uses the first W
 HF_STEPS, HF_MICRO = 10, 2
 LR = 1e-2
+
+
+def bad_ids_rank(world: int) -> int:
+    """The rank whose ids get an out-of-range expert in the functional scenario (the last one with tokens)."""
+    return max(r for r in range(world) if FUNCTIONAL_T[r])
 
 
 def functional_state() -> ktf.MoEState:
@@ -86,9 +91,9 @@ def _functional(rank: int, world: int, out: dict) -> None:
     group = distributed.ExpertGroup.new(FUNCTIONAL_OWNER)
     state = functional_state() if group.is_owner else None
     x, ids, w, gy = functional_inputs(rank)
-    # Invalid input on the last rank: every rank raises, and the group stays usable.
+    # Invalid input on one rank: every rank raises, and the group stays usable.
     bad = ids.clone()
-    if rank == world - 1:
+    if rank == bad_ids_rank(world):
         bad[0, 0] = E
     try:
         distributed.moe_forward(state, x, bad, w, group=group)
@@ -122,6 +127,9 @@ def _hf(rank: int, world: int, out: dict) -> None:
     out["logits"], out["embed_grad"], out["caches_kept"] = embeds_and_grads(model, hf_tokens(rank))
     if rank == 0:
         out["lora_grads"] = lora_grads(model)
+
+    # The collective save_adapter before training writes what a single process with the same LoRA writes.
+    hf.save_adapter(model, os.path.join(os.environ["KT_TEST_OUT"], "adapter_before_training"))
 
     # Training: DDP over the routers, non-reentrant checkpointing, HF_MICRO micro-batches per step.
     model.zero_grad(set_to_none=True)

@@ -61,8 +61,9 @@ def _close(out, ref) -> bool:
     return out.shape == ref.shape and (ref.numel() == 0 or rel_err(out.float(), ref.float()) <= TOL)
 
 
-def test_functional_three_ranks_owner_without_tokens(tmp_path):
-    outs = _outputs(_spawn("functional", 3, tmp_path), tmp_path)
+@pytest.mark.parametrize("world", [2, 3])
+def test_functional_owner_without_tokens(tmp_path, world):
+    outs = _outputs(_spawn("functional", world, tmp_path), tmp_path)
     state = worker.functional_state()
     summed = None
     for rank, out in enumerate(outs):
@@ -84,25 +85,25 @@ def test_functional_three_ranks_owner_without_tokens(tmp_path):
     for name, ref in summed.items():
         assert _close(owner["lora"][name], ref), name
     # Invalid input on one rank raises on every rank, and the group stays usable (the calls above ran after it).
-    ids_error = "ValueError: ids: expert ids must be in [-1, 6) (-1 = unused slot); rank: (min, max) = {2: (-1, 6)}"
-    assert [out["bad_ids_error"] for out in outs] == [ids_error] * 3
+    ids_error = ("ValueError: ids: expert ids must be in [-1, 6) (-1 = unused slot); rank: (min, max) = "
+                 f"{{{worker.bad_ids_rank(world)}: (-1, 6)}}")
+    assert [out["bad_ids_error"] for out in outs] == [ids_error] * world
     assert outs[0]["bad_dtype_error"] == "TypeError: x: expected dtype bfloat16 or float32, got int32"
     for out in outs[1:]:
         assert out["bad_dtype_error"].startswith("RuntimeError: kt_functional.distributed: the inputs of rank(s) [0]")
     consumed = "ValueError: cache: already consumed by a moe_backward; each forward's cache can be used once"
-    assert [out["reused_cache_error"] for out in outs] == [consumed] * 3
+    assert [out["reused_cache_error"] for out in outs] == [consumed] * world
 
 
 def out_lora_names(outs) -> list[str]:
     return list(outs[worker.FUNCTIONAL_OWNER]["lora"])
 
 
-def _single_process_training():
+def _single_process_training(world: int):
     """The hf scenario's training in one process: each step sees every rank's micro-batches; the loss is the
     mean over ranks (DDP averages the routers' gradients; lora_grad_reduction='mean' the LoRA's)."""
     model = worker.hf_model()
     model.train()
-    world = len(worker.HF_SEQ)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=worker.LR)
     losses = [[0.0] * worker.HF_STEPS for _ in range(world)]
     for step in range(worker.HF_STEPS):
@@ -114,17 +115,18 @@ def _single_process_training():
                 losses[rank][step] += loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return model, losses
+    return losses
 
 
-def test_hf_two_ranks_ddp_checkpointing_accumulation_adapter(tmp_path):
-    outs = _outputs(_spawn("hf", 2, tmp_path), tmp_path)
-    owner, other = outs
-    assert owner["num_lora_params"] > 0 and other["num_lora_params"] == 0
-    assert owner["expert_bytes"] > 0 and other["expert_bytes"] == 0
+def test_hf_three_ranks_ddp_checkpointing_accumulation_adapter(tmp_path):
+    world = 3
+    outs = _outputs(_spawn("hf", world, tmp_path), tmp_path)
+    owner = outs[0]
+    assert owner["num_lora_params"] > 0 and all(out["num_lora_params"] == 0 for out in outs[1:])
+    assert owner["expert_bytes"] > 0 and all(out["expert_bytes"] == 0 for out in outs[1:])
     layers = TINY_CONFIGS["qwen3_moe"]["num_hidden_layers"]
-    assert [out["caches_kept"] for out in outs] == [layers] * 2
-    assert [out["caches_kept_by_checkpointing"] for out in outs] == [0] * 2
+    assert [out["caches_kept"] for out in outs] == [layers] * world
+    assert [out["caches_kept_by_checkpointing"] for out in outs] == [0] * world
 
     single = worker.hf_model()
     summed = None
@@ -135,30 +137,28 @@ def test_hf_two_ranks_ddp_checkpointing_accumulation_adapter(tmp_path):
         assert _close(out["embed_grad"], embed_grad), rank
         grads = lora_grads(single)
         summed = grads if summed is None else {k: summed[k] + grads[k] for k in grads}
-    for key, ref in summed.items():  # 'mean' over 2 ranks: twice the owner's gradient is the sum
-        assert _close(2 * owner["lora_grads"][key], ref), key
+    for key, ref in summed.items():  # 'mean' over the ranks: world times the owner's gradient is the sum
+        assert _close(world * owner["lora_grads"][key], ref), key
 
-    model, losses = _single_process_training()
+    losses = _single_process_training(world)
     for rank, out in enumerate(outs):
         assert len(out["losses"]) == worker.HF_STEPS
         for step, (got, ref) in enumerate(zip(out["losses"], losses[rank])):
             assert abs(got - ref) <= TOL * abs(ref), (rank, step, got, ref)
-    routers = {n: p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
-    for out in outs:  # DDP kept the replicas equal, and equal to the single process's
+    # DDP kept the routers' replicas identical. (Not compared with the single process's: AdamW's first steps
+    # move every weight by about lr whatever its gradient's size, so rounding-level differences of near-zero
+    # gradients flip some updates' signs; the losses above are the comparison the training allows.)
+    for out in outs[1:]:
         for name, p in out["router"].items():
-            assert _close(p, routers[name]), name
+            assert torch.equal(p, owner["router"][name]), name
 
-    # The collective save_adapter wrote the single-process adapter; load_adapter restored it on the owner.
+    # The collective save_adapter writes the single-process adapter, byte for byte (same LoRA before training);
+    # after training, load_adapter (collective) restored the owner's LoRA from what it wrote.
+    single_dir = tmp_path / "single"
+    hf.save_adapter(worker.hf_model(), single_dir)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "adapter_before_training" / name).read_bytes() == (single_dir / name).read_bytes(), name
     assert owner["adapter_written"] and all(out["reloaded_equal"] for out in outs)
-    hf.save_adapter(model, tmp_path / "single")
-    from safetensors.torch import load_file
-    got, ref = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
-        tmp_path / "single" / "adapter_model.safetensors")
-    assert got.keys() == ref.keys()
-    for key in ref:
-        assert _close(got[key], ref[key]), key
-    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == (
-        tmp_path / "single" / "adapter_config.json").read_text()
 
 
 def test_a_failing_rank_does_not_hang_the_others(tmp_path):
