@@ -278,7 +278,8 @@ class MoEState:
     a call runs the partitions at once and sums their partial results in a fixed order (deterministic).
     numa=True makes one partition per NUMA node (numa_nodes()), its workers pinned to the node's CPUs, so
     each node's weights are first touched, and then streamed, by that node. The partitions' weights are
-    packed from `weights` (dequantized exactly): `weights` itself is not used by the calls.
+    packed from `weights` (dequantized exactly): `weights` is not used by the calls, but the state keeps it,
+    so a partitioned layer holds its experts twice.
     """
 
     weights: ExpertWeights
