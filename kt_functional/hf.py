@@ -159,7 +159,7 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     read from that safetensors checkpoint instead (the model's own expert weights may then be
     empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
     only the LoRA parameters trainable (set requires_grad on a router to train it too).
-    partitions / numa: split every layer's experts across worker pools / NUMA nodes (MoEState).
+    partitions / numa: pack every layer's experts in partitions / per NUMA node (ExpertWeights.from_tensors).
 
     owner_rank=r with torch.distributed initialised with more than one rank (collective: every rank
     calls it): rank r alone holds the packed experts and their LoRA; every rank's MoE blocks send
@@ -181,7 +181,7 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
     remote = group is not None and not group.is_owner
     if checkpoint is not None and not remote:
-        packed = dict(load_experts(checkpoint, threads=threads))
+        packed = dict(load_experts(checkpoint, threads=threads, partitions=partitions, numa=numa))
         wanted = {_layer_index(name) for name, _ in experts}
         missing = sorted(wanted - packed.keys())
         if missing:
@@ -203,14 +203,15 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         else:
             if module.gate_up_proj.is_meta or module.down_proj.is_meta:
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
-            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, threads=threads)
+            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, threads=threads,
+                                               partitions=partitions, numa=numa)
         if weights is not None:
             dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
             if dims != expected:
                 raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects "
                                  f"{expected}")
         kt_args = (weights, lora_rank, lora_alpha, threads)
-        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer, partitions=partitions, numa=numa)
+        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
         if group is None:
             kt = KTExperts(*kt_args, **kt_kwargs)
         elif remote:
@@ -289,7 +290,8 @@ def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, st
         raise ValueError(f"state_dict: {prefix}{next(iter(found))} without {prefix}"
                          f"{next(n for n in _BASE_NAMES if n not in found)}; the experts need both")
     kt = _kt_of(module)
-    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], threads=kt._state.threads))
+    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], threads=kt._state.threads,
+                                            partitions=kt.weights.partitions, numa=kt.weights.numa))
 
 
 def _check_experts_implementation(module, args) -> None:
@@ -436,13 +438,14 @@ def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.T
             yield key, t
 
 
-def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+def load_experts(checkpoint_dir, *, threads: int | None = None, partitions: int = 1,
+                 numa: bool = False) -> Iterator[tuple[int, ExpertWeights]]:
     """Yields (layer index, packed ExpertWeights) for each MoE layer of a safetensors checkpoint.
 
     Reads one layer at a time (sharded + indexed or single file; v5 fused `gate_up_proj` /
     `down_proj` keys or per-expert `experts.N.{gate,up,down}_proj.weight` / Mixtral's w1/w3/w2),
     packs it, and drops the torch copy before the next layer: peak memory is the packed size
-    plus one layer.
+    plus one layer. partitions / numa: see ExpertWeights.from_tensors.
     """
     layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
     for file, keys in _checkpoint_files(checkpoint_dir).items():
@@ -466,7 +469,8 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
         fused, per_expert = layers[layer]["fused"], layers[layer]["experts"]
         if len(fused) == 2:
             t = dict(read(list(fused.values())))
-            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads)
+            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads,
+                                               partitions=partitions, numa=numa)
         else:
             num_experts = 1 + max(e for e, _ in per_expert)
             missing = [(e, p) for e in range(num_experts) for p in ("gate", "up", "down") if (e, p) not in per_expert]
@@ -480,7 +484,8 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
                     stacked[proj] = torch.empty((num_experts, *t.shape), dtype=t.dtype)
                 stacked[proj][e].copy_(t)
                 del t
-            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads)
+            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads,
+                                                 partitions=partitions, numa=numa)
         t = stacked = None  # the torch copy of the layer
         _release_freed_memory()
         yield layer, weights

@@ -43,18 +43,27 @@ class ExpertWeights:
     """The frozen routed-expert weights of one MoE layer, packed once for every ISA path.
 
     The packed copy is all that stays alive: the source tensors can be dropped afterwards.
+    Partitioned weights (from_tensors(..., partitions=N or numa=True)) hold one packed copy of each slice
+    of the intermediate dimension I instead (parts), each packed by the workers of its partition.
     """
 
-    packed: _core.PackedExperts = field(repr=False)
+    packed: _core.PackedExperts | None = field(repr=False)  # None when partitioned: the parts hold the slices
     num_experts: int
     hidden_size: int
     intermediate_size: int
     backward_weights: str = "on_the_fly"
+    parts: tuple = field(default=(), repr=False)  # the ExpertWeights of each slice of I, in order
+    part_cpus: tuple = field(default=(), repr=False)  # the CPUs whose workers packed each part (() = any)
+    numa: bool = False  # partitioned per NUMA node
+
+    @property
+    def partitions(self) -> int:
+        return len(self.parts) or 1
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed weights."""
-        return self.packed.nbytes
+        return sum(p.nbytes for p in self.parts) if self.parts else self.packed.nbytes
 
     @property
     def storage(self) -> str:
@@ -70,22 +79,27 @@ class ExpertWeights:
 
     def __reduce__(self):
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
-        return _unpickle_expert_weights, (gate, up, down, self.backward_weights)
+        return _unpickle_expert_weights, (gate, up, down, self.backward_weights, self.partitions, self.numa)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
+        if self.parts:
+            gates, ups, downs = zip(*(p.dequantize() for p in self.parts))
+            return torch.cat(gates, dim=1), torch.cat(ups, dim=1), torch.cat(downs, dim=2)
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         gate, up, down = torch.empty(E, I, H), torch.empty(E, I, H), torch.empty(E, H, I)
         self.packed.dequantize(gate.data_ptr(), up.data_ptr(), down.data_ptr())
         return gate, up, down
 
     @classmethod
-    def from_tensors(cls, gate, up, down, *, threads: int | None = None,
-                     backward_weights: str = "on_the_fly") -> "ExpertWeights":
+    def from_tensors(cls, gate, up, down, *, threads: int | None = None, backward_weights: str = "on_the_fly",
+                     partitions: int = 1, numa: bool = False) -> "ExpertWeights":
         """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy.
 
         One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
         backward_weights="resident" also keeps the transposed layout (twice the memory).
+        partitions=N / numa=True: one packed copy per slice of I instead, each packed by its partition's
+        workers (pinned to its node's CPUs where there are several nodes); see MoEState.
         """
         if backward_weights not in BACKWARD_WEIGHTS:
             raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
@@ -99,7 +113,13 @@ class ExpertWeights:
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
             raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
-        return cls._pack(gate, up, down, _core.Pool(threads or _default_threads()), backward_weights)
+        threads = threads or _default_threads()
+        plan = _partition_plan(I, threads, partitions, numa)
+        if plan is None:
+            return cls._pack(gate, up, down, _core.Pool(threads), backward_weights)
+        parts = tuple(cls._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool, backward_weights)
+                      for (lo, hi), pool in zip(plan.ranges, _partition_pools(plan.threads, plan.cpus)))
+        return cls(None, E, H, I, backward_weights, parts, plan.cpus, numa)
 
     @classmethod
     def _pack(cls, gate, up, down, pool: _core.Pool, backward_weights: str) -> "ExpertWeights":
@@ -110,19 +130,21 @@ class ExpertWeights:
         return cls(packed, E, H, I, backward_weights)
 
     @classmethod
-    def from_fused(cls, gate_up, down, *, threads: int | None = None,
-                   backward_weights: str = "on_the_fly") -> "ExpertWeights":
+    def from_fused(cls, gate_up, down, *, threads: int | None = None, backward_weights: str = "on_the_fly",
+                   partitions: int = 1, numa: bool = False) -> "ExpertWeights":
         """transformers v5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
         gate_up = _expert_tensor(gate_up, "gate_up")
         if gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected shape [E, 2I, H] with an even middle size, got {list(gate_up.shape)}")
         I = gate_up.shape[1] // 2
         return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads,
-                                backward_weights=backward_weights)
+                                backward_weights=backward_weights, partitions=partitions, numa=numa)
 
 
-def _unpickle_expert_weights(gate, up, down, backward_weights: str) -> ExpertWeights:
-    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights)
+def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: int = 1,
+                             numa: bool = False) -> ExpertWeights:
+    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights, partitions=partitions,
+                                      numa=numa)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -251,20 +273,61 @@ def _split(n: int, parts: int, align: int = 32) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-# weights -> {(ranges, pools' keys): per-partition ExpertWeights}: states that differ only in their LoRA
-# (dataclasses.replace, the torch adapter's per-call states) share one packed copy per partition.
-_PARTITIONED: "weakref.WeakKeyDictionary[ExpertWeights, dict]" = weakref.WeakKeyDictionary()
+def _split_threads(threads: int, n: int) -> tuple[int, ...]:
+    return tuple(threads // n + (p < threads % n) or 1 for p in range(n))
 
 
-def _partition_weights(weights: ExpertWeights, ranges, pools, pool_keys) -> tuple[ExpertWeights, ...]:
-    cached = _PARTITIONED.setdefault(weights, {})
-    key = (tuple(ranges), tuple(pool_keys))
-    if key not in cached:
+def _partition_pools(threads: tuple[int, ...], cpus: tuple[tuple[int, ...], ...]) -> list[_core.Pool]:
+    # slot p + 1: pools of their own, running at the same time (slot 0 is the unpartitioned states')
+    return [_core.Pool(t, p + 1, c) for p, (t, c) in enumerate(zip(threads, cpus))]
+
+
+@dataclass(frozen=True)
+class _PartitionPlan:
+    """How a layer splits: I ranges, each partition's CPUs (() = not pinned) and thread count."""
+
+    ranges: tuple[tuple[int, int], ...]
+    cpus: tuple[tuple[int, ...], ...]
+    threads: tuple[int, ...]
+
+
+def _check_partition_args(partitions, numa) -> None:
+    if not isinstance(numa, bool):
+        raise TypeError(f"numa: expected a bool, got {numa!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions: expected an int >= 1, got {partitions!r}")
+
+
+def _partition_plan(I: int, threads: int, partitions: int, numa: bool) -> _PartitionPlan | None:
+    """The split of partitions=N / numa=True; None for one partition."""
+    _check_partition_args(partitions, numa)
+    nodes = numa_nodes() if numa else []
+    n = len(nodes) if numa and partitions == 1 else partitions
+    if numa and n != len(nodes):
+        raise ValueError(f"partitions: numa=True makes one partition per NUMA node ({len(nodes)} here), "
+                         f"got partitions={partitions}")
+    if n > I:
+        raise ValueError(f"partitions: at most I = {I} partitions, got {n}")
+    if n == 1:
+        return None
+    # Pinned only where there are several nodes: on one node every partition may use every CPU.
+    cpus = tuple(nodes) if len(nodes) > 1 else ((),) * n
+    return _PartitionPlan(tuple(_split(I, n)), cpus, _split_threads(threads, n))
+
+
+# weights -> {(partitions, numa): the same weights partitioned}: states that partition unpartitioned weights
+# (and those made from them by dataclasses.replace, e.g. the torch adapter's per-call states) pack them once.
+_REPARTITIONED: "weakref.WeakKeyDictionary[ExpertWeights, dict]" = weakref.WeakKeyDictionary()
+
+
+def _repartitioned(weights: ExpertWeights, threads: int, partitions: int, numa: bool) -> ExpertWeights:
+    cached = _REPARTITIONED.setdefault(weights, {})
+    if (partitions, numa) not in cached:
         gate, up, down = weights.dequantize()  # exact bf16 values; one layer in fp32 while packing
-        cached[key] = tuple(ExpertWeights._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool,
-                                                weights.backward_weights)
-                            for (lo, hi), pool in zip(ranges, pools))
-    return cached[key]
+        cached[(partitions, numa)] = ExpertWeights.from_tensors(
+            gate, up, down, threads=threads, backward_weights=weights.backward_weights, partitions=partitions,
+            numa=numa)
+    return cached[(partitions, numa)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -273,13 +336,13 @@ class MoEState:
 
     Workers come from a pool shared by all states with the same thread count.
 
-    partitions=N splits every expert's intermediate dimension I into N slices, each with its own worker pool
-    (threads split between them) and its own packed copy of its slice of the weights, packed by that pool;
-    a call runs the partitions at once and sums their partial results in a fixed order (deterministic).
-    numa=True makes one partition per NUMA node (numa_nodes()), its workers pinned to the node's CPUs, so
-    each node's weights are first touched, and then streamed, by that node. The partitions' weights are
-    packed from `weights` (dequantized exactly): `weights` is not used by the calls, but the state keeps it,
-    so a partitioned layer holds its experts twice.
+    Partitioned weights (ExpertWeights.from_tensors(..., partitions=N or numa=True)) make a partitioned
+    state: every expert's intermediate dimension I is split into N slices, each with its own worker pool
+    (threads split between them, pinned to the node's CPUs with numa=True where there are several nodes)
+    and its own packed slice, packed (first touched) by that partition's workers; a call runs the
+    partitions at once and sums their partial results in a fixed order (deterministic).
+    MoEState(unpartitioned weights, partitions=N or numa=True) partitions a copy of them (packed once per
+    weights and shared): the layer then holds its experts twice.
     """
 
     weights: ExpertWeights
@@ -319,35 +382,27 @@ class MoEState:
             object.__setattr__(self, "_pool", _core.Pool(self.threads))
 
     def _partition(self) -> tuple:
-        if not isinstance(self.numa, bool):
-            raise TypeError(f"numa: expected a bool, got {self.numa!r}")
-        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
-            raise ValueError(f"partitions: expected an int >= 1, got {self.partitions!r}")
-        nodes = numa_nodes() if self.numa else []
-        n = len(nodes) if self.numa and self.partitions == 1 else self.partitions
-        if self.numa and n != len(nodes):
-            raise ValueError(f"partitions: numa=True makes one partition per NUMA node ({len(nodes)} here), "
-                             f"got partitions={self.partitions}")
-        I = self.weights.intermediate_size
-        if n > I:
-            raise ValueError(f"partitions: at most I = {I} partitions, got {n}")
-        if n == 1:
+        _check_partition_args(self.partitions, self.numa)
+        weights = self.weights
+        if weights.parts:
+            if self.partitions not in (1, weights.partitions) or (self.numa and not weights.numa):
+                raise ValueError(f"partitions: the weights are packed in {weights.partitions} partitions "
+                                 f"(numa={weights.numa}); got partitions={self.partitions}, numa={self.numa}")
+        elif _partition_plan(weights.intermediate_size, self.threads, self.partitions, self.numa) is None:
             return ()
-        # Pinned only where there are several nodes: on one node every partition may use every CPU.
-        cpus = nodes if len(nodes) > 1 else [()] * n
-        threads = [self.threads // n + (p < self.threads % n) or 1 for p in range(n)]
-        pool_keys = [(t, p + 1, c) for p, (t, c) in enumerate(zip(threads, cpus))]
-        pools = [_core.Pool(*key) for key in pool_keys]
-        ranges = _split(I, n)
-        weights = _partition_weights(self.weights, ranges, pools, pool_keys)
-        parts = []
-        for (lo, hi), w, pool, t in zip(ranges, weights, pools, threads):
+        else:
+            weights = _repartitioned(weights, self.threads, self.partitions, self.numa)
+        pools = _partition_pools(_split_threads(self.threads, weights.partitions), weights.part_cpus)
+        parts, lo = [], 0
+        for part, pool in zip(weights.parts, pools):
+            hi = lo + part.intermediate_size
             lora = None
-            if self.lora is not None:
-                sliced = {name: getattr(self.lora, name) if axis is None
-                          else getattr(self.lora, name).narrow(axis, lo, hi - lo) for name, axis in PARTITION_AXIS.items()}
-                lora = LoRA(**sliced, alpha=self.lora.alpha)
-            parts.append(MoEState(w, lora, threads=t, isa=self.isa, _pool=pool))
+            if self.lora is not None:  # views: the optimizer's in-place steps are seen
+                lora = LoRA(**{name: getattr(self.lora, name) if axis is None
+                               else getattr(self.lora, name).narrow(axis, lo, hi - lo)
+                               for name, axis in PARTITION_AXIS.items()}, alpha=self.lora.alpha)
+            parts.append(MoEState(part, lora, threads=pool.threads, isa=self.isa, _pool=pool))
+            lo = hi
         return tuple(parts)
 
     def partition_states(self) -> tuple["MoEState", ...]:

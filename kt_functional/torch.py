@@ -209,12 +209,11 @@ class KTExperts(nn.Module):
 
     def __init__(self, weights: ExpertWeights, lora_rank: int | None = 16, lora_alpha: float = 32.0,
                  threads: int | None = None, *, isa: str | None = None, lora_dtype: torch.dtype = torch.float32,
-                 seed: int = 0, partitions: int = 1, numa: bool = False):
+                 seed: int = 0):
         super().__init__()
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
-        self._state = MoEState(weights, None, threads=threads or _default_threads(), isa=isa, partitions=partitions,
-                               numa=numa)
+        self._state = MoEState(weights, None, threads=threads or _default_threads(), isa=isa)
         self._layer = register_layer(self._state)
         self.lora_alpha = float(lora_alpha)
         if lora_rank is None:

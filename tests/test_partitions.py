@@ -65,6 +65,25 @@ def test_partitions_see_in_place_lora_updates(isa):
     assert rel_err(y.float(), y_ref.float()) <= TOL < rel_err(y_before.float(), y_ref.float())
 
 
+def test_partitioned_weights_are_packed_once(isa):
+    """ExpertWeights.from_tensors(partitions=N) packs only the slices; a state made from them uses them as they are."""
+    K = ktf()
+    prob = make_problem(**CASES["awkward"], seed=315)
+    weights = K.ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, partitions=2)
+    assert weights.partitions == 2 and weights.packed is None
+    assert [p.intermediate_size for p in weights.parts] == [20, 20]
+    assert weights.nbytes == sum(p.nbytes for p in weights.parts)
+    for got, src in zip(weights.dequantize(), (prob.gate, prob.up, prob.down)):
+        assert torch.equal(got, src.float())
+    state = K.MoEState(weights, make_lora(prob), threads=2, isa=isa)
+    assert [p.weights for p in state.partition_states()] == list(weights.parts)
+    check_state(state, prob, where=f"[{isa}/partitioned weights]")
+    copy = pickle.loads(pickle.dumps(weights))
+    assert copy.partitions == 2 and all(torch.equal(a, b) for a, b in zip(copy.dequantize(), weights.dequantize()))
+    with pytest.raises(ValueError, match="partitions: the weights are packed in 2 partitions"):
+        K.MoEState(weights, partitions=3)
+
+
 def test_numa_uses_the_machine_nodes():
     K = ktf()
     nodes = K.numa_nodes()
