@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from hf_models import TINY_CONFIGS, lora_grads  # noqa: E402
 import kt_functional as ktf  # noqa: E402
 from kt_functional import hf  # noqa: E402
 
-HARD_TIMEOUT_S = 120  # a hung spawn fails the test instead of the CI job
+HARD_TIMEOUT_S = 120  # all ranks of a spawn together: a hang fails the test instead of the CI job
 
 
 def _free_port() -> int:
@@ -39,9 +40,13 @@ def _spawn(scenario: str, world: int, tmp_path, dist_timeout_s: float = 60) -> l
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]
     results = []
+    deadline = time.monotonic() + HARD_TIMEOUT_S
     try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=HARD_TIMEOUT_S)
+        for r, p in enumerate(procs):
+            try:
+                stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{scenario}: rank {r} still running after {HARD_TIMEOUT_S} s (a hang)")
             results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     finally:
         for p in procs:
