@@ -124,6 +124,8 @@ def _hf(rank: int, world: int, out: dict) -> None:
     model = hf_model(owner_rank=0, lora_grad_reduction="mean")
     out["num_lora_params"] = sum(1 for n, _ in model.named_parameters() if ".kt_experts." in n)
     out["expert_bytes"] = sum(kt.weights.nbytes for _, kt in hf.kt_layers(model))
+    out["torch_expert_tensors"] = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]
+                                   if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     out["logits"], out["embed_grad"], out["caches_kept"] = embeds_and_grads(model, hf_tokens(rank))
     if rank == 0:
         out["lora_grads"] = lora_grads(model)

@@ -129,6 +129,7 @@ def test_hf_three_ranks_ddp_checkpointing_accumulation_adapter(tmp_path):
     owner = outs[0]
     assert owner["num_lora_params"] > 0 and all(out["num_lora_params"] == 0 for out in outs[1:])
     assert owner["expert_bytes"] > 0 and all(out["expert_bytes"] == 0 for out in outs[1:])
+    assert all(out["torch_expert_tensors"] == [] for out in outs)  # the torch copies were freed everywhere
     layers = TINY_CONFIGS["qwen3_moe"]["num_hidden_layers"]
     assert [out["caches_kept"] for out in outs] == [layers] * world
     assert [out["caches_kept_by_checkpointing"] for out in outs] == [0] * world
