@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .state import _LORA_NAMES, ExpertWeights, _default_threads
+from .state import _LORA_NAMES, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
 EXPERTS_IMPLEMENTATION = "kt_functional"
@@ -172,7 +172,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     experts = _experts_modules(model)
     for name, module in experts:
         _check_experts(name, module)
-    threads = threads or _default_threads()
+    threads = resolve_threads(threads)
+    check_lora_options(lora_rank, lora_alpha)
     distributed.check_lora_grad_reduction(lora_grad_reduction)
     if owner_rank is not None and (isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or owner_rank < 0):
         raise TypeError(f"owner_rank: expected a rank (an int >= 0) or None, got {owner_rank!r}")

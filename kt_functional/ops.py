@@ -3,6 +3,10 @@
 Functions never mutate their inputs. A cache is a handle to one forward's residuals, sized by
 that call's T: it is consumed by exactly one moe_backward, many can be alive at once, and its
 memory is freed when it is consumed or garbage-collected.
+
+Outputs take the kind of x, decided at forward time: numpy x (float32) gives numpy float32 arrays
+for y and every gradient; a torch x gives y and grads.x in x's dtype and grads.w in w's dtype,
+on x's device, and the LoRA gradients as fp32 CPU tensors.
 """
 from __future__ import annotations
 
@@ -41,28 +45,38 @@ class Grads:
 
 
 class MoECache:
-    """Handle to the residuals of one forward call (see the module docstring)."""
+    """Handle to the residuals of one forward call (see the module docstring). Single use: it cannot
+    be copied or pickled."""
 
-    __slots__ = ("_core", "_state_token", "_meta", "_lora_versions", "__weakref__")
+    __slots__ = ("_cores", "_state_token", "_meta", "_lora_key", "_lora_anchor", "__weakref__")
 
-    def __init__(self, core: tuple, state: MoEState, meta: dict, lora_versions):
-        self._core = core  # the kernels' residuals, one per partition of the state
+    def __init__(self, core: tuple, state: MoEState, meta: dict, lora_stamp):
+        self._cores = core  # _core.ForwardCache per partition of the state: the backward takes them out, once
         self._state_token = state._token
         self._meta = meta
-        self._lora_versions = lora_versions
+        self._lora_key, self._lora_anchor = lora_stamp or (None, None)
+
+    @property
+    def _core(self):
+        """The first partition's residuals: all of them for an unpartitioned state."""
+        return self._cores[0]
 
     @property
     def consumed(self) -> bool:
-        return self._core is None
+        return self._core.consumed  # the backward takes them all
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the residuals (0 once consumed)."""
-        return 0 if self._core is None else sum(c.nbytes for c in self._core)
+        return sum(c.nbytes for c in self._cores)
 
     @property
     def num_tokens(self) -> int:
         return self._meta["T"]
+
+    def __reduce_ex__(self, protocol):  # copy.copy, copy.deepcopy and pickle all come here
+        raise TypeError("MoECache: a forward's cache is single-use and cannot be copied or pickled; "
+                        "pass the cache itself to moe_backward")
 
     def __repr__(self):
         state = "consumed" if self.consumed else f"{self.nbytes} bytes"
@@ -96,7 +110,9 @@ def _forward_inputs(state: MoEState, x, ids, w):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"ids: expert ids must be in [-1, {E}) (-1 = unused slot), got values in [{lo}, {hi}]")
-    meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": w.dtype, "numpy": x_np, "device": x.device}
+    # The outputs' kind (module docstring): numpy has no bf16, so numpy outputs are all float32.
+    meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": torch.float32 if x_np else w.dtype, "numpy": x_np,
+            "device": x.device}
     return (cpu_contiguous(x, torch.bfloat16), cpu_contiguous(ids, torch.int32), cpu_contiguous(w, torch.float32),
             meta)
 
@@ -118,7 +134,7 @@ class ForwardHandle:
 
     def __init__(self, jobs, ys, cache: MoECache | None, keep_alive, meta):
         self._jobs = jobs  # one per partition of the state
-        self._ys = ys  # their outputs: y itself, or partial sums (fp32) to add up
+        self._ys = ys  # their outputs: y itself, or partial results (fp32) to add up
         self._cache = cache
         self._keep_alive = keep_alive  # inputs the kernels read until the jobs are done
         self._meta = meta
@@ -149,12 +165,11 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
     state = _check_state(state)
     xb, ids32, wf, meta = _forward_inputs(state, x, ids, w)
     T, k = meta["T"], meta["k"]
-    parts = state.partition_states()
-    y_dtype = meta["x_dtype"] if len(parts) == 1 else torch.float32  # partial results add up in fp32
+    calls = state.calls()
+    y_dtype = meta["x_dtype"] if len(calls) == 1 else torch.float32  # partial results add up in fp32
     jobs, ys, cores, keep_alive = [], [], [], [xb, ids32, wf]
     with _waiting_on_failure(jobs):
-        for part in parts:
-            lora_args, lora_tensors = part.lora_args()
+        for part, lora_args, lora_tensors in calls:
             y = torch.empty(T, state.weights.hidden_size, dtype=y_dtype)
             job, core_cache = _core.submit_forward(
                 part._pool, part.weights.packed, part.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
@@ -164,7 +179,7 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
             ys.append(y)
             cores.append(core_cache)
             keep_alive.append(lora_tensors)
-    cache = MoECache(tuple(cores), state, meta, state.lora_versions()) if save_for_backward else None
+    cache = MoECache(tuple(cores), state, meta, state.lora_stamp()) if save_for_backward else None
     return ForwardHandle(jobs, ys, cache, keep_alive, meta)
 
 
@@ -178,20 +193,24 @@ def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
 
 
 def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
-    """Gradients of the forward that made cache, given gy = dL/dy [T, H]; consumes the cache."""
+    """Gradients of the forward that made cache, given gy = dL/dy [T, H]; consumes the cache.
+
+    Everything is checked and converted before the cache is consumed: on an error the cache stays usable.
+    """
     state = _check_state(state)
     if not isinstance(cache, MoECache):
         raise TypeError(
             f"cache: expected the MoECache returned by moe_forward(save_for_backward=True), got {type(cache).__name__}"
         )
     if cache.consumed:
-        raise ValueError("cache: already consumed by a moe_backward; each forward's cache can be used once")
+        raise ValueError(_core.CACHE_CONSUMED)
     if cache._state_token is not state._token:
         raise ValueError("cache: it was made by a different MoEState")
-    if cache._lora_versions != state.lora_versions():
+    lora_key, _ = state.lora_stamp() or (None, None)
+    if cache._lora_key != lora_key:
         raise ValueError(
-            "state.lora: a LoRA tensor was modified in place between moe_forward and moe_backward; "
-            "run the backward before the optimizer step"
+            "state.lora: a LoRA tensor was modified in place or replaced (p.data = ...) between moe_forward and "
+            "moe_backward; run the backward before the optimizer step"
         )
     meta = cache._meta
     T, k, H = meta["T"], meta["k"], state.weights.hidden_size
@@ -199,22 +218,22 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     check_dtype(gy, "gy", FLOAT_DTYPES)
     check_shape(gy, "gy", (T, H), f"[T, H] = {[T, H]} like the forward's y")
     gyb = cpu_contiguous(gy, torch.bfloat16)
-    parts = state.partition_states()
-    out_dtype = meta["x_dtype"] if len(parts) == 1 else torch.float32  # partial results add up in fp32
+    calls = state.calls()
+    out_dtype = meta["x_dtype"] if len(calls) == 1 else torch.float32  # partial results add up in fp32
     jobs, outs = [], []
     with _waiting_on_failure(jobs):
-        for part, core in zip(parts, cache._core):
+        for (part, lora_args, lora_tensors), core in zip(calls, cache._cores):
             dx = torch.empty(T, H, dtype=out_dtype)
             dw = torch.empty(T, k, dtype=torch.float32)
-            lora_args, lora_tensors = part.lora_args()
             grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
             grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+            # Consumes the partition's residuals atomically (ValueError if another thread got them first);
+            # the running job holds them and frees them when done.
             jobs.append(_core.submit_backward(
                 part._pool, part.weights.packed, part.isa, core, gyb.data_ptr(), dx.data_ptr(),
                 DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
             ))
             outs.append((dx, dw, grads, lora_tensors))  # lora_tensors: read by the job until it ends
-    cache._core = None  # consumed: the running jobs hold the residuals and free them when done
     for job in jobs:
         job.wait()
     dx, dw, grads, _ = outs[0]
@@ -223,6 +242,7 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     if grads and len(outs) > 1:
         grads = [_reduce_partitions([out[2][i] for out in outs], PARTITION_AXIS[name])
                  for i, name in enumerate(_LORA_NAMES)]
+    # From here on only conversions the forward's output kind allows (none can fail).
     numpy, device = meta["numpy"], meta["device"]
     lora = LoRAGrads(*(to_kind(g, numpy, torch.device("cpu")) for g in grads)) if grads else None
     return Grads(

@@ -8,7 +8,10 @@ Contents
 --------
 - :func:`moe_reference`        float32 forward of MATH.md (loop over experts).
 - :func:`moe_reference_grads`  gradients of the reference by torch autograd.
+- :func:`moe_reference_pairs`  per routed pair: ``h`` and ``dh_raw`` of MATH.md's backward.
+- :func:`dw_magnitude`         ``m[t, j] = sum_i |dh_raw[i]| |h[i]|``, the scale of dw's error bound.
 - :func:`rel_err`              ``||out - ref|| / ||ref||`` (MATH.md's tolerance measure).
+- :func:`dw_err`               ``||dw - ref|| / ||m||`` (MATH.md's measure for dw).
 - :func:`make_problem`         random test inputs with realistic scales.
 - :func:`eager_loop_moe`       peer: bf16 per-expert python loop (transformers "eager" experts).
 - :func:`grouped_mm_moe`       peer: bf16 ``torch._grouped_mm`` over expert-sorted routes
@@ -27,7 +30,10 @@ __all__ = [
     "LORA_KEYS",
     "moe_reference",
     "moe_reference_grads",
+    "moe_reference_pairs",
+    "dw_magnitude",
     "rel_err",
+    "dw_err",
     "make_problem",
     "eager_loop_moe",
     "grouped_mm_moe",
@@ -164,6 +170,56 @@ def rel_err(out, ref):
     if nref == 0.0:
         return torch.linalg.vector_norm(out).item()
     return torch.linalg.vector_norm(out - ref).item() / nref
+
+
+def moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy):
+    """Per routed pair (t, j), float32, written from MATH.md's forward and backward:
+    ``h = silu(g) * u`` and ``dh_raw = Wd^T gy_t + s Ad^T (Bd^T gy_t)``, both [T, k, I]
+    (zero at -1 slots).  ``dw = (dh_raw * h).sum(-1)``.  ``w`` is unused (dh_raw is unweighted): the
+    arguments are those of :func:`moe_reference_grads`."""
+    x, gy = _f32(x).detach(), _f32(gy).detach()
+    gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
+    E, I = gate.shape[0], gate.shape[1]
+    ids = _check_ids(ids, E)
+    T, k = ids.shape
+    if lora is not None:
+        s = _lora_scale(lora, scale)
+        Ag, Bg, Au, Bu, Ad, Bd = (_f32(_lora_get(lora, n)).detach() for n in LORA_KEYS)
+    h = torch.zeros(T, k, I)
+    dh_raw = torch.zeros(T, k, I)
+    for e in range(E):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe, gye = x.index_select(0, tok), gy.index_select(0, tok)   # [n, H]
+        g = xe @ gate[e].float().T                                  # [n, I]
+        u = xe @ up[e].float().T
+        d = gye @ down[e].float()                                   # Wd^T gy: [n, I]
+        if lora is not None:
+            g = g + s * ((xe @ Ag[e].T) @ Bg[e].T)
+            u = u + s * ((xe @ Au[e].T) @ Bu[e].T)
+            d = d + s * ((gye @ Bd[e]) @ Ad[e])
+        h[tok, slot] = g * torch.sigmoid(g) * u
+        dh_raw[tok, slot] = d
+    return h, dh_raw
+
+
+def dw_magnitude(x, ids, w, gate, up, down, lora, scale, gy):
+    """``m[t, j] = sum_i |dh_raw[i]| |h[i]|`` [T, k] (0 at -1 slots): dw is a dot product over I,
+    and MATH.md bounds its error by that of the magnitudes, ``||dw - ref|| <= 1e-2 ||m||``."""
+    h, dh_raw = moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy)
+    return (dh_raw.abs() * h.abs()).sum(-1)
+
+
+def dw_err(out, ref, m):
+    """``||out - ref|| / ||m||`` in float64 norms (``||out - ref||`` when ``||m|| == 0``)."""
+    out = _as_tensor(out).detach().to(torch.float64)
+    ref = _as_tensor(ref).detach().to(torch.float64)
+    if out.shape != ref.shape or ref.shape != m.shape:
+        raise ValueError(f"shape mismatch: out {tuple(out.shape)}, ref {tuple(ref.shape)}, m {tuple(m.shape)}")
+    diff = torch.linalg.vector_norm(out - ref).item()
+    nm = torch.linalg.vector_norm(_as_tensor(m).to(torch.float64)).item()
+    return diff / nm if nm > 0.0 else diff
 
 
 # ----------------------------------------------------------------------------- problems

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _core
-from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_dtype
+from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_alpha, check_dtype, check_int, check_threads
 
 MAX_LORA_RANK = 128
 BACKWARD_WEIGHTS = ("on_the_fly", "resident")
@@ -36,6 +36,18 @@ def _spec(t: torch.Tensor) -> tuple:
 
 def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_threads(threads, name: str = "threads") -> int:
+    """None: one worker per CPU this process may run on; else an int in 1..MAX_THREADS."""
+    return _default_threads() if threads is None else check_threads(threads, name)
+
+
+def check_lora_options(lora_rank, lora_alpha) -> tuple[int | None, float]:
+    """(lora_rank, lora_alpha) of a module or model to patch: rank None (no LoRA) or in 1..MAX_LORA_RANK."""
+    if lora_rank is not None:
+        lora_rank = check_int(lora_rank, "lora_rank", 1, MAX_LORA_RANK)
+    return lora_rank, check_alpha(lora_alpha, lora_rank, "lora_alpha")
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +125,7 @@ class ExpertWeights:
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
             raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
-        threads = threads or _default_threads()
+        threads = resolve_threads(threads)
         plan = _partition_plan(I, threads, partitions, numa)
         if plan is None:
             return cls._pack(gate, up, down, _core.Pool(threads), backward_weights)
@@ -153,6 +165,33 @@ _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 PARTITION_AXIS = {"gate_a": None, "gate_b": 1, "up_a": None, "up_b": 1, "down_a": 2, "down_b": None}
 
 
+def _lora_shapes(E: int, H: int, I: int, r: int) -> dict[str, tuple]:
+    return {"gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
+            "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r)}
+
+
+def _check_lora_tensor(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name}: expected a 3-D tensor (one matrix per expert), got shape {list(t.shape)}")
+    check_dtype(t, name, FLOAT_DTYPES)
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: LoRA tensors must live on the CPU, got device {t.device}")
+
+
+def _check_lora_set(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple], origin: str, prefix: str = "") -> None:
+    dtype = tensors["gate_a"].dtype
+    for name, t in tensors.items():
+        if t.dtype != dtype:
+            raise TypeError(f"{prefix}{name}: all six LoRA tensors must share one dtype, got {str(t.dtype)[6:]} "
+                            f"and {str(dtype)[6:]} for gate_a")
+    E, r, H = shapes["gate_a"]
+    I = shapes["gate_b"][1]
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{prefix}{name}: expected shape {list(shape)} (E={E}, r={r}, H={H}, I={I} {origin}), "
+                             f"got {list(tensors[name].shape)}")
+
+
 @dataclass(frozen=True, eq=False)
 class LoRA:
     """LoRA adapters on every expert's gate, up and down projections, in PEFT's shapes:
@@ -170,38 +209,33 @@ class LoRA:
     down_a: torch.Tensor
     down_b: torch.Tensor
     alpha: float = 32.0
+    _shapes: dict = field(init=False, repr=False)  # the six shapes at construction, checked at every call
 
     def __post_init__(self):
         tensors = {}
         for name in _LORA_NAMES:
             t, _ = as_tensor(getattr(self, name), name)
-            if t.dim() != 3:
-                raise ValueError(f"{name}: expected a 3-D tensor (one matrix per expert), got shape {list(t.shape)}")
-            check_dtype(t, name, FLOAT_DTYPES)
-            if t.device.type != "cpu":
-                raise ValueError(f"{name}: LoRA tensors must live on the CPU, got device {t.device}")
+            _check_lora_tensor(t, name)
             tensors[name] = t
             object.__setattr__(self, name, t)
-        dtypes = {t.dtype for t in tensors.values()}
-        if len(dtypes) > 1:
-            raise TypeError(f"gate_a: all six LoRA tensors must share one dtype, got {sorted(map(str, dtypes))}")
         E, r, H = tensors["gate_a"].shape
         I = tensors["gate_b"].shape[1]
-        expected = {
-            "gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
-            "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r),
-        }
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(
-                    f"{name}: expected shape {list(shape)} (E={E}, r={r}, H={H}, I={I} from gate_a/gate_b), "
-                    f"got {list(tensors[name].shape)}"
-                )
+        _check_lora_set(tensors, _lora_shapes(E, H, I, r), "from gate_a/gate_b")
         if not 1 <= r <= MAX_LORA_RANK:
             raise ValueError(f"gate_a: LoRA rank must be in 1..{MAX_LORA_RANK}, got {r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise TypeError(f"alpha: expected a finite number, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, r))
+        object.__setattr__(self, "_shapes", _lora_shapes(E, H, I, r))
+
+    def checked_tensors(self) -> list[torch.Tensor]:
+        """The six tensors as they are now, checked again: a framework may have replaced a tensor's
+        storage (`p.data = ...`) since this LoRA was built, and the kernels trust these shapes."""
+        tensors = {}
+        for name in _LORA_NAMES:
+            t = getattr(self, name)
+            _check_lora_tensor(t, f"lora.{name}")
+            tensors[name] = t
+        _check_lora_set(tensors, self._shapes, "as when the LoRA was built", prefix="lora.")
+        return list(tensors.values())
 
     @property
     def rank(self) -> int:
@@ -230,8 +264,7 @@ class LoRA:
         """PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
-        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
-            raise ValueError(f"rank: expected an int in 1..{MAX_LORA_RANK}, got {rank!r}")
+        rank = check_int(rank, "rank", 1, MAX_LORA_RANK)
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         gen = torch.Generator().manual_seed(seed)
 
@@ -353,7 +386,7 @@ class MoEState:
     numa: bool = False
     _pool: _core.Pool | None = field(default=None, repr=False)  # given only to the states of partitions
     _token: object = field(init=False, repr=False)  # identifies this state's caches
-    _parts: tuple = field(init=False, repr=False)  # one LoRA-sliced state per partition; () when unpartitioned
+    _parts: tuple = field(init=False, repr=False)  # one LoRA-less state per partition; () when unpartitioned
 
     def __post_init__(self):
         if not isinstance(self.weights, ExpertWeights):
@@ -368,10 +401,7 @@ class MoEState:
                     f"lora: adapters are for (E, H, I) = {(E, H, I)}, weights are "
                     f"{(w.num_experts, w.hidden_size, w.intermediate_size)}"
                 )
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
-            raise TypeError(f"threads: expected an int >= 1, got {self.threads!r}")
-        if self.threads < 1:
-            raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
+        object.__setattr__(self, "threads", check_threads(self.threads))
         isa = _core.default_isa() if self.isa is None else self.isa
         if isa not in _core.runnable_isas():
             raise ValueError(f"isa: '{isa}' cannot run here; available: {_core.runnable_isas()}")
@@ -393,37 +423,49 @@ class MoEState:
         else:
             weights = _repartitioned(weights, self.threads, self.partitions, self.numa)
         pools = _partition_pools(_split_threads(self.threads, weights.partitions), weights.part_cpus)
-        parts, lo = [], 0
-        for part, pool in zip(weights.parts, pools):
-            hi = lo + part.intermediate_size
-            lora = None
-            if self.lora is not None:  # views: the optimizer's in-place steps are seen
-                lora = LoRA(**{name: getattr(self.lora, name) if axis is None
-                               else getattr(self.lora, name).narrow(axis, lo, hi - lo)
-                               for name, axis in PARTITION_AXIS.items()}, alpha=self.lora.alpha)
-            parts.append(MoEState(part, lora, threads=pool.threads, isa=self.isa, _pool=pool))
-            lo = hi
-        return tuple(parts)
-
-    def partition_states(self) -> tuple["MoEState", ...]:
-        """The states the calls run: one per partition (LoRA slices are views: optimizer steps show), or (self,)."""
-        return self._parts or (self,)
+        # LoRA-less: a call slices the state's LoRA for each partition as the tensors are then.
+        return tuple(MoEState(part, None, threads=pool.threads, isa=self.isa, _pool=pool)
+                     for part, pool in zip(weights.parts, pools))
 
     def __reduce__(self):  # the pool and cache token are per process and per state: made anew
         return MoEState, (self.weights, self.lora, self.threads, self.isa, self.partitions, self.numa)
 
-    def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
-        """Pointers of the LoRA tensors as they are now, and the tensors to keep alive meanwhile."""
+    def calls(self) -> list[tuple["MoEState", tuple | None, list[torch.Tensor]]]:
+        """What a call runs, per partition (or the state alone): (state, pointers of its LoRA as the tensors
+        are now, checked again, or None; the tensors to keep alive meanwhile). A partition gets slices of the
+        LoRA along I (PARTITION_AXIS), taken at every call: optimizer steps and replaced storages show."""
         if self.lora is None:
-            return None, []
-        ts = [getattr(self.lora, name).detach().contiguous() for name in _LORA_NAMES]
+            return [(part, None, []) for part in self.partition_states()]
+        tensors = self.lora.checked_tensors()
+        if not self._parts:
+            return [(self, *self._lora_args(tensors))]
+        out, lo = [], 0
+        for part in self._parts:
+            hi = lo + part.weights.intermediate_size
+            sliced = [t if PARTITION_AXIS[name] is None else t.narrow(PARTITION_AXIS[name], lo, hi - lo)
+                      for name, t in zip(_LORA_NAMES, tensors)]
+            out.append((part, *self._lora_args(sliced)))
+            lo = hi
+        return out
+
+    def partition_states(self) -> tuple["MoEState", ...]:
+        """The LoRA-less states of the partitions, or (self,) for an unpartitioned state."""
+        return self._parts or (self,)
+
+    def _lora_args(self, tensors: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]]:
+        ts = [t.detach().contiguous() for t in tensors]
         ptrs = tuple(t.data_ptr() for t in ts)
         return ptrs + (DTYPE_CODE[ts[0].dtype], self.lora.rank, self.lora.scale), ts
 
-    def lora_versions(self) -> tuple[int, ...] | None:
+    def lora_stamp(self) -> tuple[tuple, list[torch.Tensor]] | None:
+        """(key, anchor) of the LoRA tensors' contents now. The key holds per tensor its version counter
+        (in-place changes), data pointer and strides (a replaced storage, `p.data = ...`); compare keys
+        while holding the anchor, views that keep those storages alive so that no other tensor can get
+        their addresses meanwhile."""
         if self.lora is None:
             return None
-        return tuple(getattr(self.lora, name)._version for name in _LORA_NAMES)
+        tensors = [getattr(self.lora, name) for name in _LORA_NAMES]
+        return tuple((t._version, t.data_ptr(), t.stride()) for t in tensors), [t.detach() for t in tensors]
 
 
 __all__ = ["ExpertWeights", "LoRA", "MoEState", "numa_nodes"]

@@ -20,6 +20,7 @@ from hf_models import batch, build, lora_grads, randomize_lora_b  # noqa: E402
 
 import kt_functional as ktf  # noqa: E402
 from kt_functional import distributed, hf  # noqa: E402
+from kt_functional.reference import LORA_KEYS  # noqa: E402
 
 # functional scenario: the owner is rank 1, which has no tokens; every rank's T differs (W ranks: the first W)
 FUNCTIONAL_OWNER = 1
@@ -108,7 +109,7 @@ def _functional(rank: int, world: int, out: dict) -> None:
     grads = distributed.moe_backward(state, cache, gy, group=group)
     out.update(y=y, dx=grads.x, dw=grads.w)
     if grads.lora is not None:
-        out["lora"] = {name: getattr(grads.lora, name) for name in ktf.LoRA.__dataclass_fields__ if name != "alpha"}
+        out["lora"] = {name: getattr(grads.lora, name) for name in LORA_KEYS}
     try:
         distributed.moe_backward(state, cache, gy, group=group)
     except (RuntimeError, ValueError) as e:

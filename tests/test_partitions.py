@@ -162,5 +162,5 @@ def test_numa_partitions_pin_their_pools(monkeypatch):
     before = _threads_pinned_to(str(cpu0)), _threads_pinned_to(str(cpu1))
     state = K.MoEState(make_weights(prob), make_lora(prob), threads=2, numa=True)
     assert len(state.partition_states()) == 2
+    check_state(state, prob, where="[two pinned partitions]")  # a worker pins itself before its first job
     assert (_threads_pinned_to(str(cpu0)), _threads_pinned_to(str(cpu1))) == (before[0] + 1, before[1] + 1)
-    check_state(state, prob, where="[two pinned partitions]")

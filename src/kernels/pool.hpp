@@ -78,7 +78,10 @@ class Job {
 class Pool {
  public:
   // cpus: the CPUs the workers are pinned to (empty: not pinned), e.g. one NUMA node's.
+  // Throws std::invalid_argument for nthreads < 1, std::runtime_error when the OS refuses a
+  // thread (the threads already started are stopped and joined first).
   explicit Pool(int nthreads, std::vector<int> cpus = {});
+  // Runs every job submitted so far to its end, then joins the workers.
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
@@ -97,6 +100,7 @@ class Pool {
   void worker_loop(int tid);
   std::vector<int> cpus_;
   void start_next_locked();
+  void stop_and_join();
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable cv_;
