@@ -11,6 +11,7 @@ import datetime
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -114,6 +115,15 @@ def _functional(rank: int, world: int, out: dict) -> None:
         distributed.moe_backward(state, cache, gy, group=group)
     except (RuntimeError, ValueError) as e:
         out["reused_cache_error"] = f"{type(e).__name__}: {e}"
+    # The autograd path (what OwnerExperts / RemoteExperts run): the same gradients, 0-token ranks included.
+    xg = x.clone().requires_grad_(True)
+    lora = [t.clone().requires_grad_(True) for t in state.lora.tensors().values()] if group.is_owner else []
+    base = replace(state, lora=None) if group.is_owner else None
+    alpha = state.lora.alpha if group.is_owner else 0.0
+    y_autograd = distributed.experts(group, xg, ids, w, base, lora, alpha)
+    (y_autograd.float() * gy).sum().backward()
+    out["autograd_equal"] = torch.equal(y_autograd, out["y"]) and torch.equal(xg.grad, out["dx"]) and all(
+        torch.equal(t.grad, out["lora"][name]) for t, name in zip(lora, LORA_KEYS))
     # The last rank sends fp32 x (the owner then computes in fp32); every rank gets y in its x's dtype.
     mixed = x.float() if rank == world - 1 else x
     out["y_mixed"], _ = distributed.moe_forward(state, mixed, ids, w, group=group, save_for_backward=False)

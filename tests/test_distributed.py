@@ -85,6 +85,7 @@ def test_functional_owner_without_tokens(tmp_path, world):
         assert _close(out["y"], y) and _close(out["dx"], grads.x) and _close(out["dw"], grads.w)
         lora = {name: getattr(grads.lora, name) for name in out_lora_names(outs)}
         summed = lora if summed is None else {n: summed[n] + lora[n] for n in lora}
+    assert all(out["autograd_equal"] for out in outs)  # the autograd Function gives the functional results
     owner = outs[worker.FUNCTIONAL_OWNER]
     assert all("lora" not in out for r, out in enumerate(outs) if r != worker.FUNCTIONAL_OWNER)
     for name, ref in summed.items():
