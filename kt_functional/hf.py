@@ -12,6 +12,7 @@ the LoRA as a PEFT adapter), it deep-copies and pickles, and unpatch_model gives
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -20,9 +21,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import quant
+from . import distributed, quant
 from .state import _LORA_NAMES, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
@@ -152,7 +154,8 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") ->
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
                 checkpoint: str | os.PathLike | None = None, storage: str | None = None,
                 lora_dtype: torch.dtype = torch.float32, isa: str | None = None, freeze_base: bool = True,
-                seed: int = 0) -> nn.Module:
+                seed: int = 0, partitions: int = 1, numa: bool = False, owner_rank: int | None = None,
+                lora_grad_reduction: str = "sum", timeout: datetime.timedelta | None = None) -> nn.Module:
     """Moves the routed experts of every MoE block into kt-functional; returns the model.
 
     The torch expert weights are packed and then freed. With checkpoint=, the packed weights are
@@ -161,6 +164,14 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     "int4_group", "mxfp4") quantizes bf16 expert weights as they are packed (the model's, or a bf16
     checkpoint's); None keeps them as they are. lora_rank=None patches without LoRA. freeze_base=True
     leaves only the LoRA parameters trainable (set requires_grad on a router to train it too).
+    partitions / numa: pack every layer's experts in partitions / per NUMA node (ExpertWeights.from_tensors).
+
+    owner_rank=r with torch.distributed initialised with more than one rank (collective: every rank
+    calls it): rank r alone holds the packed experts and their LoRA; every rank's MoE blocks send
+    their tokens to it (kt_functional.distributed). The owner's LoRA gradients cover every rank's
+    tokens: summed (lora_grad_reduction="sum") or divided by the number of ranks ("mean", as DDP
+    averages the other gradients). timeout: how long a rank waits for the others (default: the
+    default process group's). Without torch.distributed (or with one rank) owner_rank changes nothing.
     """
     if storage is not None:
         quant.check_storage(storage)
@@ -170,8 +181,16 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         _check_experts(name, module)
     threads = resolve_threads(threads)
     check_lora_options(lora_rank, lora_alpha)
-    if checkpoint is not None:
-        packed = dict(load_experts(checkpoint, threads=threads, storage=storage))
+    distributed.check_lora_grad_reduction(lora_grad_reduction)
+    if owner_rank is not None and (isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or owner_rank < 0):
+        raise TypeError(f"owner_rank: expected a rank (an int >= 0) or None, got {owner_rank!r}")
+    group = None
+    if owner_rank is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
+    remote = group is not None and not group.is_owner
+    if checkpoint is not None and not remote:
+        packed = dict(load_experts(checkpoint, threads=threads, storage=storage, partitions=partitions,
+                                   numa=numa))
         wanted = {_layer_index(name) for name, _ in experts}
         missing = sorted(wanted - packed.keys())
         if missing:
@@ -185,18 +204,29 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             p.requires_grad_(False)
     for name, module in experts:
         layer = _layer_index(name)
-        if checkpoint is not None:
+        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
+        if remote:
+            weights = None
+        elif checkpoint is not None:
             weights = packed.pop(layer)
         else:
             if module.gate_up_proj.is_meta or module.down_proj.is_meta:
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
             weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, storage=storage or "bf16",
-                                               threads=threads)
-        dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
-        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
-        if dims != expected:
-            raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects {expected}")
-        kt = KTExperts(weights, lora_rank, lora_alpha, threads, isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+                                               threads=threads, partitions=partitions, numa=numa)
+        if weights is not None:
+            dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+            if dims != expected:
+                raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects "
+                                 f"{expected}")
+        kt_args = (weights, lora_rank, lora_alpha, threads)
+        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        if group is None:
+            kt = KTExperts(*kt_args, **kt_kwargs)
+        elif remote:
+            kt = distributed.RemoteExperts(group, *expected)
+        else:
+            kt = distributed.OwnerExperts(group, *kt_args, lora_grad_reduction=lora_grad_reduction, **kt_kwargs)
         kt.peft_param_order = [p for p in module._parameters if p in ("gate_up_proj", "down_proj")]
         if use_interface:
             del module.gate_up_proj, module.down_proj  # frees the torch expert weights
@@ -209,8 +239,15 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, kt)
             holder = kt
-        holder.register_state_dict_post_hook(_experts_state_dict_hook)
-        holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+        if not remote:  # a non-owner rank has no base weights to save or load
+            holder.register_state_dict_post_hook(_experts_state_dict_hook)
+            holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+    if group is not None and group.is_owner:
+        # The LoRA lives on the owner only: DDP over the other parameters must not wait for it.
+        from torch.nn.parallel import DistributedDataParallel
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, distributed.OwnerExperts)
+                    for p, _ in m.named_parameters(recurse=False)])
     if hasattr(type(model), "save_pretrained"):
         model.save_pretrained = _SavePretrained(model)
     return model
@@ -263,7 +300,8 @@ def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, st
                          f"{next(n for n in _BASE_NAMES if n not in found)}; the experts need both")
     kt = _kt_of(module)
     kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], storage=kt.weights.storage,
-                                            threads=kt._state.threads))
+                                            threads=kt._state.threads, partitions=kt.weights.partitions,
+                                            numa=kt.weights.numa))
 
 
 def _check_experts_implementation(module, args) -> None:
@@ -300,13 +338,18 @@ class _SavePretrained:
 
     def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
         model = self.model
+        group = distributed.group_of(model)
+        if group is not None and not group.is_owner:
+            raise RuntimeError(f"save_pretrained: rank {group.rank} does not hold the experts (rank {group.owner} "
+                               "owns them): call save_pretrained on the owner rank; hf.save_adapter(model, directory) "
+                               "on every rank writes the adapter")
         if state_dict is None:
             state_dict = model.state_dict()
         lora_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, KTExperts)
                      for p, _ in m.named_parameters(recurse=False)}
         state_dict = {k: v for k, v in state_dict.items() if k not in lora_keys}
         if is_main_process and any(kt.lora_rank for _, kt in kt_layers(model)):
-            save_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
+            _write_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
         return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
                                            state_dict=state_dict, **kwargs)
 
@@ -331,6 +374,9 @@ def unpatch_model(model: nn.Module, merge_lora: bool = False) -> nn.Module:
     """
     if not isinstance(merge_lora, bool):
         raise TypeError(f"merge_lora: expected a bool, got {merge_lora!r}")
+    if distributed.group_of(model) is not None:
+        raise ValueError("model: it was patched with owner_rank (its experts live on one rank); unpatch_model "
+                         "restores a single-process patched model only")
     layers = kt_layers(model)
     if not layers:
         raise ValueError("model: it has no kt-functional experts; nothing to unpatch")
@@ -449,8 +495,8 @@ def _split_fused(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torc
     return t[:, :I], t[:, I:]
 
 
-def load_experts(checkpoint_dir, *, threads: int | None = None,
-                 storage: str | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+def load_experts(checkpoint_dir, *, threads: int | None = None, storage: str | None = None, partitions: int = 1,
+                 numa: bool = False) -> Iterator[tuple[int, ExpertWeights]]:
     """Yields (layer index, packed ExpertWeights) for each MoE layer of a safetensors checkpoint.
 
     Reads one layer at a time (sharded + indexed or single file; v5 fused `gate_up_proj` /
@@ -460,6 +506,7 @@ def load_experts(checkpoint_dir, *, threads: int | None = None,
     `weight_scale_inv`, compressed-tensors' `weight_packed` / `weight_scale`, gpt-oss' mxfp4
     `gate_up_proj_blocks` / `_scales`) are packed in their own format, never as a bf16 copy.
     storage= quantizes a bf16 checkpoint's experts into that format as each layer is packed.
+    partitions / numa: see ExpertWeights.from_tensors (bf16 checkpoints; a quantized one packs unpartitioned).
     """
     if storage is not None:
         quant.check_storage(storage)
@@ -467,6 +514,9 @@ def load_experts(checkpoint_dir, *, threads: int | None = None,
     if stored != "bf16" and storage not in (None, stored):
         raise ValueError(f"storage: the checkpoint's experts are {stored}; storage={storage!r} would quantize "
                          "them again (pass storage=None to keep the checkpoint's format)")
+    if stored != "bf16" and (partitions != 1 or numa):
+        raise ValueError(f"partitions: the checkpoint's {stored} experts are packed unpartitioned; got "
+                         f"partitions={partitions}, numa={numa}")
     interleaved = _checkpoint_config(checkpoint_dir).get("model_type") == "gpt_oss"  # gate, up rows alternate
     layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
     for file, keys in _checkpoint_files(checkpoint_dir).items():
@@ -503,7 +553,8 @@ def load_experts(checkpoint_dir, *, threads: int | None = None,
         elif stored == "bf16" and {"gate_up_proj", "down_proj"} <= fused.keys():
             t = dict(read([fused["gate_up_proj"], fused["down_proj"]]))
             weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]],
-                                               storage=storage or "bf16", threads=threads)
+                                               storage=storage or "bf16", threads=threads, partitions=partitions,
+                                               numa=numa)
         else:
             experts = {e for e, _, _ in per_expert}
             num_experts = 1 + max(experts, default=-1)
@@ -524,7 +575,7 @@ def load_experts(checkpoint_dir, *, threads: int | None = None,
             if stored == "bf16":
                 weights = ExpertWeights.from_tensors(stacked["gate", "weight"], stacked["up", "weight"],
                                                      stacked["down", "weight"], storage=storage or "bf16",
-                                                     threads=threads)
+                                                     threads=threads, partitions=partitions, numa=numa)
             else:
                 gate, up, down = (tuple(stacked[p, part] for part in per_expert_parts) for p in ("gate", "up", "down"))
                 weights = ExpertWeights.from_quantized(stored, gate, up, down, threads=threads)
@@ -581,8 +632,17 @@ def save_adapter(model: nn.Module, save_directory) -> None:
     """Writes the experts' LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
 
     peft.PeftModel.from_pretrained(unpatched_model, save_directory) then computes what the patched
-    model computes.
+    model computes. A model patched with owner_rank: every rank calls it (collective); the owner
+    writes the adapter (the same file a single process writes) and every rank returns once it is written.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _write_adapter(model, save_directory)
+    else:
+        group.run_on_owner(lambda: _write_adapter(model, save_directory))
+
+
+def _write_adapter(model: nn.Module, save_directory) -> None:
     from safetensors.torch import save_file
 
     layers = _patched_layers(model)
@@ -664,8 +724,18 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     """Loads a PEFT LoRA adapter on the v5 expert parameters (e.g. one save_adapter wrote) into a patched model.
 
     The KTExperts' LoRA parameters are replaced (their rank follows the adapter): build the
-    optimizer after loading. Returns the model.
+    optimizer after loading. Returns the model. A model patched with owner_rank: every rank calls it
+    (collective); the owner reads the adapter and every rank returns once it is loaded.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _read_adapter(model, adapter_directory)
+    else:
+        group.run_on_owner(lambda: _read_adapter(model, adapter_directory))
+    return model
+
+
+def _read_adapter(model: nn.Module, adapter_directory) -> None:
     from safetensors.torch import load_file
 
     layers = kt_layers(model)
@@ -716,7 +786,6 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     for kt, tensors, alpha in loaded:  # all layers validated before any is changed
         dtype = kt.gate_a.dtype if kt.lora_rank else torch.float32
         kt.set_lora({n: t.to(dtype) for n, t in tensors.items()}, alpha)
-    return model
 
 
 __all__ = ["patch_model", "unpatch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin",
