@@ -92,9 +92,10 @@ def _forward_inputs(state: MoEState, x, ids, w):
     check_dtype(w, "w", FLOAT_DTYPES)
     check_shape(w, "w", (T, k), f"[T, k] = {[T, k]} like ids")
     if T:  # range check before the narrowing to int32
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= E:
-            raise ValueError(f"ids: expert ids must be in [-1, {E}) (-1 = unused slot), got values in [{lo}, {hi}]")
+        lo = int(ids.min())
+        if lo < -1:
+            raise ValueError(f"ids: expert ids must be >= -1 (-1 = unused slot; ids >= {E} are expert-parallel "
+                             f"sentinels, skipped like -1), got a minimum of {lo}")
     meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": w.dtype, "numpy": x_np, "device": x.device}
     return (cpu_contiguous(x, torch.bfloat16), cpu_contiguous(ids, torch.int32), cpu_contiguous(w, torch.float32),
             meta)
@@ -136,16 +137,17 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
     y = torch.empty(T, state.weights.hidden_size, dtype=meta["x_dtype"])
     job, core_cache = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
-        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, state.weights.variant_args(), bool(save_for_backward),
     )
     cache = MoECache(core_cache, state, meta, state.lora_versions()) if save_for_backward else None
-    return ForwardHandle(job, y, cache, (xb, ids32, wf, lora_tensors), meta)
+    return ForwardHandle(job, y, cache, (xb, ids32, wf, lora_tensors, state.weights), meta)
 
 
 def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
     """y = MoE expert layer (MATH.md) of x routed by (ids, w); returns (y, cache or None).
 
-    x [T, H] bf16/fp32, ids [T, k] int32/int64 (-1 = unused slot), w [T, k] fp32/bf16;
+    x [T, H] bf16/fp32, ids [T, k] int32/int64 (-1 = unused slot; ids >= E, expert-parallel sentinels, are
+    skipped like -1), w [T, k] fp32/bf16;
     torch tensors (any device, any strides) or numpy arrays. y has x's dtype and kind.
     """
     return moe_forward_async(state, x, ids, w, save_for_backward=save_for_backward).result()
@@ -180,7 +182,7 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
     job = _core.submit_backward(
         state._pool, state.weights.packed, state.isa, cache._core, gyb.data_ptr(), dx.data_ptr(),
-        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
+        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, state.weights.variant_args(), grad_ptrs,
     )
     cache._core = None  # consumed: the running job holds the residuals and frees them when done
     job.wait()

@@ -72,20 +72,51 @@ def _lora_scale(lora, scale):
 
 def _check_ids(ids, E):
     ids = _as_tensor(ids).to(torch.int64)
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
-        raise ValueError(f"ids must be in [-1, {E}); got range [{int(ids.min())}, {int(ids.max())}]")
-    return ids
+    if ids.numel() and int(ids.min()) < -1:
+        raise ValueError(f"ids must be >= -1; got minimum {int(ids.min())}")
+    return ids  # ids >= E are expert-parallel sentinels: no expert loop below matches them
+
+
+# MATH.md "Activations and derivatives", literally (autograd differentiates them).
+_SQRT_2_OVER_PI = (2.0 / torch.pi) ** 0.5
+_ACTIVATIONS = {
+    "silu": lambda z, a: z * torch.sigmoid(z),
+    "swish": lambda z, a: z * torch.sigmoid(a * z),
+    "quick_gelu": lambda z, a: z * torch.sigmoid(1.702 * z),
+    "gelu": lambda z, a: z * 0.5 * (1.0 + torch.erf(z / 2.0 ** 0.5)),
+    "gelu_tanh": lambda z, a: 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3))),
+    "relu": lambda z, a: torch.clamp(z, min=0.0),
+    "relu2": lambda z, a: torch.clamp(z, min=0.0) ** 2,
+}
+
+
+def _hidden(g, u, variant):
+    """h of MATH.md's "Expert variants" table: gated act(min(g, L)) * (clamp(u, -L, L) + offset), or act(u)."""
+    if variant is None:
+        return g * torch.sigmoid(g) * u
+    act = _ACTIVATIONS[variant.activation]
+    alpha = getattr(variant, "alpha", None)
+    if not variant.gated:
+        return act(u, alpha)
+    limit = getattr(variant, "limit", None)
+    if limit is not None:
+        g = torch.clamp(g, max=limit)
+        u = torch.clamp(u, min=-limit, max=limit)
+    return act(g, alpha) * (u + getattr(variant, "up_offset", 0.0))
 
 
 # ----------------------------------------------------------------------------- reference
-def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None):
+def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None, variant=None, biases=None):
     """float32 forward of MATH.md.
 
-    x [T,H], ids [T,k] (-1 = unused slot), w [T,k], gate/up [E,I,H], down [E,H,I];
-    lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r], up_a [E,r,H], up_b [E,I,r],
-    down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  Every input is upcast to float32
-    (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
+    x [T,H], ids [T,k] (-1 = unused slot, >= E = sentinel, both skipped), w [T,k], gate/up [E,I,H],
+    down [E,H,I] (gate unused when not gated); lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r],
+    up_a [E,r,H], up_b [E,I,r], down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  variant: None
+    (SwiGLU) or an object with gated, activation, alpha, limit, up_offset (MATH.md "Expert variants");
+    biases: None or a mapping with any of "gate" [E,I], "up" [E,I], "down" [E,H].  Every input is
+    upcast to float32 (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
     """
+    biases = {k: _f32(v) for k, v in (biases or {}).items() if v is not None}
     x = _f32(x)
     w = _f32(w)
     gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
@@ -111,16 +142,22 @@ def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None):
             a_u = xe @ Au[e].T
             g = g + s * (a_g @ Bg[e].T)
             u = u + s * (a_u @ Bu[e].T)
-        h = g * torch.sigmoid(g) * u                      # silu(g) * u
+        if "gate" in biases:
+            g = g + biases["gate"][e]
+        if "up" in biases:
+            u = u + biases["up"][e]
+        h = _hidden(g, u, variant)                        # silu(g) * u by default
         o = h @ Wd.T                                      # [n, H]
         if lora is not None:
             a_d = h @ Ad[e].T
             o = o + s * (a_d @ Bd[e].T)
+        if "down" in biases:
+            o = o + biases["down"][e]
         y = y.index_add(0, tok, we * o)
     return y
 
 
-def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy):
+def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
     """Gradients of ``sum(moe_reference(...) * gy)`` by torch autograd, all float32.
 
     Leaves are float32 copies of x, w and the six LoRA tensors.  Returns a dict with "x"
@@ -141,7 +178,7 @@ def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy):
     else:
         s = None
     with torch.enable_grad():
-        y = moe_reference(leaves["x"], ids, leaves["w"], gate, up, down, lora32, s)
+        y = moe_reference(leaves["x"], ids, leaves["w"], gate, up, down, lora32, s, variant, biases)
         gy32 = _as_tensor(gy).detach().to(torch.float32)
         if y.requires_grad:
             params = list(leaves.values())

@@ -36,6 +36,73 @@ def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# Activations of the kernels' epilogues -> (kt::Activation code, the swish alpha it implies or None).
+ACTIVATIONS = {
+    "silu": (0, 1.0), "quick_gelu": (0, 1.702), "swish": (0, None), "gelu": (1, None), "gelu_tanh": (2, None),
+    "relu": (3, None), "relu2": (4, None),
+}
+
+
+@dataclass(frozen=True)
+class ExpertVariant:
+    """What an expert computes between its projections (MATH.md, "Expert variants").
+
+    gated: h = act(min(g, limit)) * (clamp(u, -limit, limit) + up_offset); not gated: h = act(u) (one
+    projection; gate is unused). activation: silu, gelu (erf), gelu_tanh (gelu_pytorch_tanh / gelu_new),
+    quick_gelu, relu, relu2 (squared ReLU), or swish (z * sigmoid(alpha z), gpt-oss with alpha=1.702).
+    limit: None for no clamp (gated only). The default is SwiGLU.
+    """
+
+    gated: bool = True
+    activation: str = "silu"
+    alpha: float | None = None
+    limit: float | None = None
+    up_offset: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.gated, bool):
+            raise TypeError(f"gated: expected a bool, got {self.gated!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.activation == "swish":
+            if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+                raise ValueError(f"alpha: activation 'swish' needs a finite alpha, got {self.alpha!r}")
+            object.__setattr__(self, "alpha", float(self.alpha))
+        elif self.alpha is not None:
+            raise ValueError(f"alpha: only activation 'swish' takes an alpha, got {self.alpha!r} for "
+                             f"{self.activation!r}")
+        if self.limit is not None:
+            if not self.gated:
+                raise ValueError("limit: clamps apply to gated experts only (gated=False)")
+            if not isinstance(self.limit, (int, float)) or not self.limit > 0:
+                raise ValueError(f"limit: expected a number > 0 or None, got {self.limit!r}")
+            object.__setattr__(self, "limit", float(self.limit))
+        if not isinstance(self.up_offset, (int, float)) or not math.isfinite(self.up_offset):
+            raise TypeError(f"up_offset: expected a finite number, got {self.up_offset!r}")
+        if self.up_offset and not self.gated:
+            raise ValueError("up_offset: applies to gated experts only (gated=False)")
+        object.__setattr__(self, "up_offset", float(self.up_offset))
+
+    def kernel_args(self) -> tuple:
+        """(gated, activation code, alpha, limit, up_offset) as the kernels take them."""
+        code, implied_alpha = ACTIVATIONS[self.activation]
+        alpha = self.alpha if implied_alpha is None and self.alpha is not None else (implied_alpha or 1.0)
+        limit = math.inf if self.limit is None else self.limit
+        return self.gated, code, alpha, limit, self.up_offset
+
+
+SWIGLU = ExpertVariant()
+
+
+def _bias(value, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = _expert_tensor(value, name, dims=2)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    return t.float().contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertWeights:
     """The frozen routed-expert weights of one MoE layer, packed once for every ISA path.
@@ -48,6 +115,10 @@ class ExpertWeights:
     hidden_size: int
     intermediate_size: int
     backward_weights: str = "on_the_fly"
+    variant: ExpertVariant = SWIGLU
+    gate_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, I] fp32, frozen
+    up_bias: torch.Tensor | None = field(default=None, repr=False)    # [E, I]
+    down_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, H]
 
     @property
     def nbytes(self) -> int:
@@ -68,7 +139,17 @@ class ExpertWeights:
 
     def __reduce__(self):
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
-        return _unpickle_expert_weights, (gate, up, down, self.backward_weights)
+        return _unpickle_expert_weights, (gate if self.variant.gated else None, up, down, self.backward_weights,
+                                          self.variant, self.gate_bias, self.up_bias, self.down_bias)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
+
+    def variant_args(self) -> tuple:
+        """The variant and the bias pointers (0: none) as the kernels take them."""
+        ptrs = tuple(0 if b is None else b.data_ptr() for b in (self.gate_bias, self.up_bias, self.down_bias))
+        return self.variant.kernel_args() + ptrs
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
@@ -78,29 +159,44 @@ class ExpertWeights:
         return gate, up, down
 
     @classmethod
-    def from_tensors(cls, gate, up, down, *, threads: int | None = None,
-                     backward_weights: str = "on_the_fly") -> "ExpertWeights":
-        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy.
+    def from_tensors(cls, gate, up, down, *, threads: int | None = None, backward_weights: str = "on_the_fly",
+                     variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None,
+                     down_bias=None) -> "ExpertWeights":
+        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides: transposed or interleaved
+        storage is read straight into the packed layout), torch or numpy.
 
+        variant: what the experts compute (ExpertVariant; SwiGLU by default); a non-gated variant takes
+        gate=None. gate_bias, up_bias [E, I] and down_bias [E, H]: frozen biases (kept in fp32).
         One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
         backward_weights="resident" also keeps the transposed layout (twice the memory).
         """
         if backward_weights not in BACKWARD_WEIGHTS:
             raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
-        gate = _expert_tensor(gate, "gate")
+        if not isinstance(variant, ExpertVariant):
+            raise TypeError(f"variant: expected ExpertVariant, got {type(variant).__name__}")
         up = _expert_tensor(up, "up")
         down = _expert_tensor(down, "down")
-        E, I, H = gate.shape
-        if tuple(up.shape) != (E, I, H):
-            raise ValueError(f"up: expected shape [E, I, H] = {[E, I, H]} like gate, got {list(up.shape)}")
+        E, I, H = up.shape
+        if variant.gated:
+            gate = _expert_tensor(gate, "gate")
+            if tuple(gate.shape) != (E, I, H):
+                raise ValueError(f"gate: expected shape [E, I, H] = {[E, I, H]} like up, got {list(gate.shape)}")
+        elif gate is not None:
+            raise ValueError("gate: a non-gated variant (variant.gated=False) has no gate projection; pass None")
+        else:  # the gate panels stay zero: a stride-0 view costs no memory
+            gate = torch.zeros(1, 1, 1, dtype=up.dtype).expand(E, I, H)
         if tuple(down.shape) != (E, H, I):
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
-            raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
+            raise ValueError(f"up: every dimension must be >= 1, got {[E, I, H]}")
+        if gate_bias is not None and not variant.gated:
+            raise ValueError("gate_bias: a non-gated variant has no gate projection")
+        biases = (_bias(gate_bias, "gate_bias", (E, I)), _bias(up_bias, "up_bias", (E, I)),
+                  _bias(down_bias, "down_bias", (E, H)))
         pool = _core.Pool(threads or _default_threads())
         packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
                                      backward_weights == "resident")
-        return cls(packed, E, H, I, backward_weights)
+        return cls(packed, E, H, I, backward_weights, variant, *biases)
 
     @classmethod
     def from_fused(cls, gate_up, down, *, threads: int | None = None,
@@ -114,8 +210,10 @@ class ExpertWeights:
                                 backward_weights=backward_weights)
 
 
-def _unpickle_expert_weights(gate, up, down, backward_weights: str) -> ExpertWeights:
-    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights)
+def _unpickle_expert_weights(gate, up, down, backward_weights: str, variant: ExpertVariant = SWIGLU,
+                             gate_bias=None, up_bias=None, down_bias=None) -> ExpertWeights:
+    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights, variant=variant,
+                                      gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -270,4 +368,4 @@ class MoEState:
         return tuple(getattr(self.lora, name)._version for name in _LORA_NAMES)
 
 
-__all__ = ["ExpertWeights", "LoRA", "MoEState"]
+__all__ = ["ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "ACTIVATIONS"]

@@ -129,6 +129,19 @@ void lora_expand(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPa
           true);
 }
 
+// rows [0, real) of C (ldc) += bias [n] (nothing when bias is null).
+void add_bias_rows(float* C, int64_t ldc, int64_t real, const float* bias, int64_t n) {
+  if (!bias) return;
+  for (int64_t i = 0; i < real; ++i)
+    for (int64_t c = 0; c < n; ++c) C[i * ldc + c] += bias[c];
+}
+
+float dot_bf16(const float* a, const bf16* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * bf16_to_f32(b[c]);
+  return s;
+}
+
 // A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
 // first `real` of them.
 struct RowBlock {
@@ -220,6 +233,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const bool lora = r > 0;
   const float s = a.lora.scale;
   const bf16* x_in = static_cast<const bf16*>(a.x);
+  const ExpertVariant V = a.variant;
+  const GateForwardFn epilogue = ks.gate_forward[V.gated][int(V.activation)];
 
   auto cache =
       std::make_shared<ForwardCache>(RoutingPlan(a.ids, a.w, T, a.k, weights->E), H, I, r, a.save_for_backward);
@@ -300,8 +315,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                          c.au.data() + b.route0 * r, lp.rank_slot(), s, w.coef_gu.data() + b.prow * ldk, ldk);
       });
 
-    // 3. Gate and up (+ s Bg a_g, s Bu a_u), then h = silu(g) * u straight from the accumulators.
-    //    One task per (expert, column chunk), over all of the expert's rows: B is read once.
+    // 3. Gate and up (+ s Bg a_g, s Bu a_u, + biases), then h = the variant's act(g) * u (or act(u))
+    //    straight from the accumulators. One task per (expert, column chunk), over all of the
+    //    expert's rows: B is read once.
     wk.for_each(n_active * i_chunks, [&](int64_t task) {
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
@@ -318,11 +334,13 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
           float* cu = cg + kPanelCols;
+          add_bias_rows(cg, kColBlock, b.real, V.gate_bias ? V.gate_bias + b.e * I + col : nullptr, n);
+          add_bias_rows(cu, kColBlock, b.real, V.up_bias ? V.up_bias + b.e * I + col : nullptr, n);
           for (int64_t i = 0; i < b.rows; ++i) {
             const bool keep = a.save_for_backward && i < b.real;
             const int64_t route = b.route0 + i;
-            ks.swiglu_forward(cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
-                              keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
+            epilogue(V, cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
+                     keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
           }
         }
         if (j0 + pairs == i_panels)  // K padding of h
@@ -346,7 +364,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                          w.coef_d.data() + b.prow * ldk, ldk);
       });
 
-    // 5. Down (+ s Bd a_d): one unweighted output row per route; tasks as in 3.
+    // 5. Down (+ s Bd a_d, + bias): one unweighted output row per route; tasks as in 3.
     wk.for_each(n_active * h_chunks, [&](int64_t task) {
       const int64_t slot = task / h_chunks;
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
@@ -360,6 +378,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
                       w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
                       kColBlock);
+        add_bias_rows(scratch, kColBlock, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
         for (int64_t i = 0; i < b.real; ++i)
           std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
       });
@@ -383,6 +402,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const bool lora = r > 0;
   const float s = a.lora.scale;
   const bf16* gy_in = static_cast<const bf16*>(a.gy);
+  const ExpertVariant V = a.variant;
+  const GateBackwardFn epilogue = ks.gate_backward[V.gated][int(V.activation)];
   if (r != cache->rank)
     throw std::invalid_argument("cache: made with LoRA rank " + std::to_string(cache->rank) + ", the state has rank " +
                                 std::to_string(r));
@@ -392,6 +413,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const int64_t M = poff[weights->E];
   const int64_t i_panels = ceil_div(I, kPanelCols);
   const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock);
+  // dw[t, j] = gy_t . o = dh_raw . h + gy_t . bd[e]: one share per column chunk of 3, one for the bias.
+  const int64_t dw_parts = i_chunks + 1;
 
   struct Workspace {
     Buffer<bf16> gy, dgu, hb;        // A operands: gathered gy, [dg | du]; h for dAd
@@ -407,7 +430,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   ws->gy = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip), Memory::workspace);
-  ws->dwpart = Buffer<float>(size_t(routes * i_chunks), Memory::workspace);
+  ws->dwpart = Buffer<float>(size_t(routes * dw_parts), Memory::workspace);
   ws->dxr = Buffer<float>(size_t(routes * H), Memory::workspace);
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
@@ -458,6 +481,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         bf16* d = w.dgu.data() + (b.prow + i) * ldd;
         if (i < b.real) {
           std::memcpy(g, gy_in + int64_t(plan.route_token[b.route0 + i]) * H, H * sizeof(bf16));
+          w.dwpart.data()[(b.route0 + i) * dw_parts + i_chunks] =
+              V.down_bias ? dot_bf16(V.down_bias + b.e * H, g, H) : 0.0f;
           std::fill(g + H, g + Hp, bf16(0));
           std::fill(d + I, d + Ip, bf16(0));
           std::fill(d + Ip + I, d + ldd, bf16(0));
@@ -498,10 +523,9 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
           bf16* d = w.dgu.data() + (b.prow + i) * ldd;
-          w.dwpart.data()[route * i_chunks + chunk] =
-              ks.swiglu_backward(scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col,
-                                 n, plan.route_weight[route], d + col, d + Ip + col,
-                                 lora ? w.hb.data() + route * I + col : nullptr);
+          w.dwpart.data()[route * dw_parts + chunk] =
+              epilogue(V, scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col, n,
+                       plan.route_weight[route], d + col, d + Ip + col, lora ? w.hb.data() + route * I + col : nullptr);
         }
       });
     });
@@ -591,7 +615,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
           const int32_t route = plan.slot_route[t * plan.k + j];
           float sum = 0.0f;
           if (route >= 0)
-            for (int64_t q = 0; q < i_chunks; ++q) sum += w.dwpart.data()[route * i_chunks + q];
+            for (int64_t q = 0; q < dw_parts; ++q) sum += w.dwpart.data()[route * dw_parts + q];
           a.dw[t * plan.k + j] = sum;
         }
     });

@@ -47,6 +47,7 @@ struct ForwardArgs {
   void* y;  // [T][H], y_dtype
   DType y_dtype;
   LoraView lora;
+  ExpertVariant variant;
   bool save_for_backward;
 };
 
@@ -56,6 +57,7 @@ struct BackwardArgs {
   DType dx_dtype;
   float* dw;  // [T][k]
   LoraView lora;
+  ExpertVariant variant;  // the forward's
   // fp32 gradients in the LoRA tensors' shapes; experts without routes are left untouched
   // (the caller zero-fills them).
   float *d_gate_a, *d_gate_b, *d_up_a, *d_up_b, *d_down_a, *d_down_b;

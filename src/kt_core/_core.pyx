@@ -180,8 +180,23 @@ cdef kt.LoraView _lora(object lora):
     return v
 
 
+cdef kt.ExpertVariant _variant(tuple v):
+    # v = (gated, activation code, alpha, limit, up_offset, gate_bias, up_bias, down_bias pointers or 0)
+    cdef kt.ExpertVariant out
+    out.gated = v[0]
+    out.activation = <kt.Activation><int>v[1]
+    out.alpha = v[2]
+    out.limit = v[3]
+    out.up_offset = v[4]
+    out.gate_bias = <const float*><uintptr_t>v[5]
+    out.up_bias = <const float*><uintptr_t>v[6]
+    out.down_bias = <const float*><uintptr_t>v[7]
+    return out
+
+
 def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintptr_t ids, uintptr_t w,
-                   int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward):
+                   int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, tuple variant,
+                   bint save_for_backward):
     """Plans and submits one forward; returns (Job, ForwardCache or None)."""
     cdef kt.ForwardArgs a
     a.x = <const void*>x
@@ -192,6 +207,7 @@ def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintp
     a.y = <void*>y
     a.y_dtype = <kt.DType>y_dtype
     a.lora = _lora(lora)
+    a.variant = _variant(variant)
     a.save_for_backward = save_for_backward
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef shared_ptr[kt.ForwardCache] cache
@@ -208,7 +224,7 @@ def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintp
 
 
 def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cache, uintptr_t gy, uintptr_t dx,
-                    int dx_dtype, uintptr_t dw, object lora, tuple lora_grads):
+                    int dx_dtype, uintptr_t dw, object lora, tuple variant, tuple lora_grads):
     """Submits one backward over a forward's cache; returns the Job."""
     cdef kt.BackwardArgs a
     a.gy = <const void*>gy
@@ -216,6 +232,7 @@ def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cach
     a.dx_dtype = <kt.DType>dx_dtype
     a.dw = <float*>dw
     a.lora = _lora(lora)
+    a.variant = _variant(variant)
     a.d_gate_a = <float*><uintptr_t>lora_grads[0]
     a.d_gate_b = <float*><uintptr_t>lora_grads[1]
     a.d_up_a = <float*><uintptr_t>lora_grads[2]

@@ -38,6 +38,22 @@ cdef extern from "common.hpp" namespace "kt":
 cdef extern from "kernels.hpp" namespace "kt":
     cdef cppclass KernelSet:
         pass
+
+    cdef enum class Activation(int):
+        swish
+        gelu
+        gelu_tanh
+        relu
+        relu2
+
+    cdef cppclass ExpertVariant:
+        bool gated
+        Activation activation
+        float alpha, limit, up_offset
+        const float* gate_bias
+        const float* up_bias
+        const float* down_bias
+
     const KernelSet& kernels_for(Isa) except +
     double kernel_peak_gflops(Isa, int, double) except + nogil
 
@@ -114,6 +130,7 @@ cdef extern from "moe.hpp" namespace "kt":
         void* y
         DType y_dtype
         LoraView lora
+        ExpertVariant variant
         bool save_for_backward
 
     cdef cppclass BackwardArgs:
@@ -122,6 +139,7 @@ cdef extern from "moe.hpp" namespace "kt":
         DType dx_dtype
         float* dw
         LoraView lora
+        ExpertVariant variant
         float* d_gate_a
         float* d_gate_b
         float* d_up_a
