@@ -37,10 +37,14 @@ _LAYER_OF_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _is_experts(module: nn.Module) -> bool:
-    """A routed-experts module: transformers v5 stores one 3-D tensor per projection for all experts."""
+    """A routed-experts module: one decorated with transformers' @use_experts_implementation (it declares the
+    interface's properties), or without that interface (older transformers v5) one holding 3-D gate_up_proj and
+    down_proj parameters."""
+    if _has_experts_interface():  # not one patch_model moved already
+        return hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate") and not hasattr(module,
+                                                                                                      "kt_experts")
     params = getattr(module, "_parameters", {})
-    gate_up = params.get("gate_up_proj", params.get("up_proj"))
-    return gate_up is not None and "down_proj" in params and gate_up.dim() == 3
+    return "gate_up_proj" in params and "down_proj" in params and params["gate_up_proj"].dim() == 3
 
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -48,8 +52,8 @@ def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     found = [(name, module) for name, module in model.named_modules() if _is_experts(module)]
     if not found:
-        raise ValueError(f"model: {type(model).__name__} has no routed-experts module (3-D gate_up_proj or up_proj "
-                         "and down_proj parameters); was it patched already?")
+        raise ValueError(f"model: {type(model).__name__} has no routed-experts module (one using transformers' "
+                         "experts interface); was it patched already?")
     return found
 
 

@@ -1,0 +1,59 @@
+"""Every MoE architecture the installed transformers runs through its experts interface: a tiny model from
+its config class (tests/hf_sweep.py), patched, against the unpatched model carrying the same LoRA (the torch
+twin, which runs the experts module's own gate function and layout): logits and input-embedding gradients
+within MATH.md's tolerance. Kernels run on the default ISA here; every variant on every ISA path is covered
+by tests/test_variants.py."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from helpers import TOL, rel_err  # noqa: E402
+from hf_models import randomize_lora_b  # noqa: E402
+from hf_sweep import build, experts_classes, run  # noqa: E402
+
+from kt_functional import hf  # noqa: E402
+
+CLASSES = experts_classes()
+
+# Experts classes the kernels do not run, and why (patch_model must refuse them naming the property).
+UNSUPPORTED = {
+    "MuseSparkExperts": "has_post_expert_norm",
+    "Inkling2Experts": "_apply_gate",
+    "Inkling2LoopExperts": "_apply_gate",
+}
+
+
+def test_the_sweep_sees_the_interface():
+    """transformers registers dozens of experts classes; the sweep must find them (not an empty list)."""
+    assert len(CLASSES) >= 60, CLASSES
+
+
+@pytest.mark.parametrize("family, module, experts", CLASSES, ids=[f"{f}-{e}" for f, _, e in CLASSES])
+def test_architecture(family, module, experts):
+    try:
+        base, _ = build(family, module, experts)
+    except RuntimeError as e:
+        pytest.skip(f"{experts}: no tiny model builds from the config class ({e})")
+    base.requires_grad_(False)
+    if experts in UNSUPPORTED:
+        with pytest.raises(ValueError, match=rf"\({experts}\) has .*{UNSUPPORTED[experts]}.*kt-functional supports"):
+            hf.patch_model(copy.deepcopy(base), lora_rank=4)
+        print(f"\n{experts}: unsupported ({UNSUPPORTED[experts]}), refused with a clear error")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hf.patch_model(copy.deepcopy(base), lora_rank=4, lora_alpha=8)
+    randomize_lora_b(model)
+    twin = hf.torch_lora_twin(base, model)
+    layers = hf.kt_layers(model)
+    assert layers and all(type(model.get_submodule(path)).__name__ == experts for path, _ in layers)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    y, g = run(model, ids)
+    y_ref, g_ref = run(twin, ids)
+    assert rel_err(y, y_ref) <= TOL and rel_err(g, g_ref) <= TOL, (rel_err(y, y_ref), rel_err(g, g_ref))
