@@ -313,12 +313,14 @@ class _TorchTwinExperts(nn.Module):
     """An unpatched experts module carrying a patched layer's LoRA, in plain torch (per-expert loop): the base
     projections from the module's own parameters in its own layout (transposed, interleaved, biases), the
     LoRA terms added at the gate / up columns the layout names, then the module's own _apply_gate (or act_fn
-    when it has no gate) and post_expert_norm."""
+    when it has no gate) and post_expert_norm. bf16_inputs: hidden_states rounded to bf16 first, as the
+    kernels take them (MATH.md: x is bf16, and the reference upcasts the same bf16 inputs)."""
 
-    def __init__(self, experts: nn.Module, lora: dict, alpha: float, layout: ExpertsLayout):
+    def __init__(self, experts: nn.Module, lora: dict, alpha: float, layout: ExpertsLayout, bf16_inputs: bool):
         super().__init__()
         self.experts = experts
         self.layout = layout
+        self.bf16_inputs = bf16_inputs
         for name in _LORA_NAMES:
             setattr(self, name, nn.Parameter(lora[name].detach().clone()))
         self.scale = alpha / self.gate_a.shape[1]
@@ -335,7 +337,7 @@ class _TorchTwinExperts(nn.Module):
         down_bias = m.down_proj_bias if layout.has_bias else None
         E, I = self.up_b.shape[:2]
         cols_g, cols_u = layout.gate_up_columns(I)
-        x = hidden_states
+        x = hidden_states.bfloat16().to(hidden_states.dtype) if self.bf16_inputs else hidden_states
         lora = {n: getattr(self, n).to(x.dtype) for n in _LORA_NAMES}
         y = torch.zeros_like(x).index_add(0, torch.zeros(0, dtype=torch.int64), x[:0])  # keeps x's graph
         for e in torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < E)]).tolist():
@@ -357,12 +359,13 @@ class _TorchTwinExperts(nn.Module):
         return y
 
 
-def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") -> nn.Module:
+def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager", bf16_inputs: bool = False) -> nn.Module:
     """A copy of the unpatched base whose experts carry patched's LoRA in plain torch.
 
     The peer and reference of a patched model: same frozen weights, same LoRA values (copied),
-    only the LoRA trainable. impl: "eager" (per-expert loop, the module's own gate function and layout) or
-    "grouped_mm" (transformers' grouped layout; SwiGLU experts in the standard layout only).
+    only the LoRA trainable. impl: "eager" (per-expert loop, the module's own gate function and layout;
+    bf16_inputs: the experts' inputs rounded to bf16 as the kernels take them) or "grouped_mm"
+    (transformers' grouped layout; SwiGLU experts in the standard layout only).
     """
     from .reference import TorchLoRAExperts
 
@@ -380,7 +383,7 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") ->
                                  f"{kt.weights.variant} with {layout}")
             replacement = TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha, impl=impl)
         else:
-            replacement = _TorchTwinExperts(experts, lora, kt.lora_alpha, layout)
+            replacement = _TorchTwinExperts(experts, lora, kt.lora_alpha, layout, bf16_inputs)
         parent, _, child = path.rpartition(".")
         setattr(twin.get_submodule(parent) if parent else twin, child, replacement)
     return twin

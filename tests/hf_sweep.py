@@ -24,11 +24,32 @@ MAX_PARAMETERS = 30e6
 FAMILY = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1,
                   use_mamba_kernels=False, mamba_dt_rank=8),
-    "granitemoehybrid": dict(layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
-                             mamba_chunk_size=16),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=8, mamba_d_head=16,
+                             mamba_d_state=16, mamba_chunk_size=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
-    "ernie4_5_vl_moe": dict(moe_intermediate_size=[32, 32]),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[32, 32], hidden_size=128, num_attention_heads=2,
+                            num_key_value_heads=1),
+    "bailing_hybrid": dict(num_experts_per_token=2, num_expert_group=1, topk_group=1),
+    "diffusion_gemma": dict(top_k_experts=2, enable_moe_block=True, vocab_size_per_layer_input=256,
+                            hidden_size_per_layer_input=16),
+    "gemma4": dict(top_k_experts=2, enable_moe_block=True, vocab_size_per_layer_input=256,
+                   hidden_size_per_layer_input=16),
+    "glm4v_moe": dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "rope_type": "default",
+                                       "mrope_section": [2, 1, 1]}),
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse"]),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                      indexer_compress_ratio=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                      linear_num_key_heads=2, linear_num_value_heads=4, hc_lowrank=16, ple_embed_dim=16,
+                      ngram_vocab_size_base=256),
 }
+# Fields a family's config class lacks but its model reads (added, not only overridden).
+FAMILY_ADDED = {
+    "qwen3_omni_moe": dict(shared_expert_intermediate_size=32),
+}
+
+
+# Models whose forward takes embeddings (their embedding table is a different one: a talker's codec).
+EMBEDDINGS_INPUT = {"Qwen3OmniMoeTalkerModel"}
 
 
 def experts_classes() -> list[tuple[str, str, str]]:
@@ -91,7 +112,13 @@ def shrink(cfg, family: str):
                 _set(cfg, key, [value[i] for i in keep])
         _set(cfg, "num_hidden_layers", len(keep))
     for key, value in FAMILY.get(family, {}).items():
-        _set(cfg, key, value)
+        if key in vars(cfg):
+            _set(cfg, key, value)
+    if "hidden_size" in vars(cfg):
+        for key, value in FAMILY_ADDED.get(family, {}).items():
+            setattr(cfg, key, value)
+    if "allow_global_per_layer_attribute_access" in vars(cfg) or hasattr(type(cfg), "per_layer_config"):
+        cfg.allow_global_per_layer_attribute_access = True  # one config for every layer of a tiny model
     if isinstance(rope, dict) and rope.get("mrope_section"):  # multimodal rope sections over the rotary half
         head_dim = vars(cfg).get("head_dim") or cfg.hidden_size // cfg.num_attention_heads
         half, sections = int(head_dim * partial) // 2, rope["mrope_section"]
@@ -164,21 +191,74 @@ def build(family: str, module_name: str, experts_name: str, seed: int = 0):
     raise RuntimeError("; ".join(reasons))
 
 
-def run(model, ids: torch.Tensor, seed: int = 0):
-    """(output, d loss / d input embeddings) of a fixed random linear loss on the model's last output."""
-    grads = []
+def _experts_modules(model) -> list:
+    from kt_functional import hf
+
+    paths = {path for path, _ in hf.kt_layers(model)}
+    return [m for n, m in model.named_modules() if n in paths or type(m).__name__ == "_TorchTwinExperts"]
+
+
+def run(model, ids: torch.Tensor, routes: list | None = None, seed: int = 0):
+    """(output, d loss / d input embeddings, routes, calls) of a fixed random linear loss on the model's last
+    output; calls: (experts module, hidden_states, top_k_index, top_k_weights) of each experts call.
+
+    routes: the top-k expert ids each experts call received, recorded (None) or replayed from another run:
+    top-k selection is discontinuous, so near-ties that bf16 operands flip would make two correct models
+    differ wherever they route differently; replaying the patched run's decisions in the twin compares the
+    same routing (the routing weights stay each model's own and differentiable)."""
+    grads, recorded, calls = [], [], []
+    replay = iter(routes) if routes is not None else None
 
     def keep_grad(module, args, out):  # a leaf of its own: the embedding weights may be frozen
         leaf = out.detach().requires_grad_(True)
         grads.append(leaf)
         return leaf
 
-    handle = model.get_input_embeddings().register_forward_hook(keep_grad)
+    def route(module, args, kwargs):
+        args = list(args)
+        if replay is not None:
+            args[1] = next(replay)
+        recorded.append(args[1].detach().clone())
+        calls.append((module, *(a.detach() for a in args[:3])))
+        return tuple(args), kwargs
+
+    embeddings = None if type(model).__name__ in EMBEDDINGS_INPUT else model.get_input_embeddings()
+    inputs = dict(input_ids=ids)
+    handles = [m.register_forward_pre_hook(route, with_kwargs=True) for m in _experts_modules(model)]
+    if embeddings is not None:
+        handles.append(embeddings.register_forward_hook(keep_grad))
+    else:  # random embeddings, the same for every model
+        gen = torch.Generator().manual_seed(int(ids.sum()))
+        grads.append(torch.randn(*ids.shape, model.config.hidden_size, generator=gen).requires_grad_(True))
+        inputs = dict(inputs_embeds=grads[0])
     try:
-        out = model(input_ids=ids)
+        out = model(**inputs)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     gen = torch.Generator().manual_seed(seed)
     (y * torch.randn(y.shape, generator=gen)).sum().backward()
-    return y.detach(), grads[0].grad
+    assert recorded, "no experts module ran"
+    return y.detach(), grads[0].grad, recorded, calls
+
+
+def layer_errors(patched_calls, twin_calls, seed: int = 0) -> list[tuple[float, float]]:
+    """(rel. error of y, of dx) of each patched experts call against the twin's module on the same inputs."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for (module, x, ids, w), (twin, *_) in zip(patched_calls, twin_calls):
+        gy = torch.randn(x.shape, generator=gen)
+        results = []
+        for m in (module, twin):
+            xl = x.clone().requires_grad_(True)
+            y = m(xl, ids, w)
+            (y * gy.to(y.dtype)).sum().backward()
+            results.append((y.detach(), xl.grad))
+        (y, dx), (y_ref, dx_ref) = results
+        out.append((_rel(y, y_ref), _rel(dx, dx_ref)))
+    return out
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -1,7 +1,7 @@
 """Every MoE architecture the installed transformers runs through its experts interface: a tiny model from
 its config class (tests/hf_sweep.py), patched, against the unpatched model carrying the same LoRA (the torch
-twin, which runs the experts module's own gate function and layout): logits and input-embedding gradients
-within MATH.md's tolerance. Kernels run on the default ISA here; every variant on every ISA path is covered
+twin, which runs the experts module's own gate function and layout, replaying the patched run's top-k
+decisions): logits and input-embedding gradients within MATH.md's tolerance. Kernels run on the default ISA here; every variant on every ISA path is covered
 by tests/test_variants.py."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from helpers import TOL, rel_err  # noqa: E402
 from hf_models import randomize_lora_b  # noqa: E402
-from hf_sweep import build, experts_classes, run  # noqa: E402
+from hf_sweep import _experts_modules, build, experts_classes, layer_errors, run  # noqa: E402
 
 from kt_functional import hf  # noqa: E402
 
@@ -27,6 +27,13 @@ UNSUPPORTED = {
     "Inkling2Experts": "_apply_gate",
     "Inkling2LoopExperts": "_apply_gate",
 }
+
+
+# Tiny random models whose own input-embedding gradient moves by several % when the experts outputs move by
+# bf16 rounding (0.3%): Gemma-4's MoE output goes through an RMSNorm and a router with a large scale. For them
+# the layer-level check (every experts call, the same inputs, MATH.md's tolerance) is the strict one, and the
+# end-to-end gradient must stay within twice the twin's own deviation under 0.3% output noise.
+ILL_CONDITIONED = {"Gemma4TextExperts", "DiffusionGemmaTextExperts"}
 
 
 def test_the_sweep_sees_the_interface():
@@ -50,10 +57,28 @@ def test_architecture(family, module, experts):
         warnings.simplefilter("ignore")
         model = hf.patch_model(copy.deepcopy(base), lora_rank=4, lora_alpha=8)
     randomize_lora_b(model)
-    twin = hf.torch_lora_twin(base, model)
+    twin = hf.torch_lora_twin(base, model, bf16_inputs=True)
     layers = hf.kt_layers(model)
     assert layers and all(type(model.get_submodule(path)).__name__ == experts for path, _ in layers)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    y, g = run(model, ids)
-    y_ref, g_ref = run(twin, ids)
-    assert rel_err(y, y_ref) <= TOL and rel_err(g, g_ref) <= TOL, (rel_err(y, y_ref), rel_err(g, g_ref))
+    y, g, routes, calls = run(model, ids)
+    y_ref, g_ref, _, twin_calls = run(twin, ids, routes)
+    layers = layer_errors(calls, twin_calls)
+    assert max(max(e) for e in layers) <= TOL, layers  # each experts call, the same inputs: y and dx
+    assert rel_err(y, y_ref) <= TOL, rel_err(y, y_ref)
+    if experts in ILL_CONDITIONED:  # see ILL_CONDITIONED
+        assert rel_err(g, g_ref) <= 2 * output_noise_sensitivity(twin, ids, routes), rel_err(g, g_ref)
+    else:
+        assert rel_err(g, g_ref) <= TOL, rel_err(g, g_ref)
+
+
+def output_noise_sensitivity(twin, ids, routes) -> float:
+    """How far the twin's own input-embedding gradient moves when every experts output gets 0.3% relative
+    noise (the size of bf16 operand rounding)."""
+    noisy = copy.deepcopy(twin)
+    gen = torch.Generator().manual_seed(5)
+    for module in _experts_modules(noisy):
+        module.register_forward_hook(lambda m, a, o: o * (1 + 0.003 * torch.randn(o.shape, generator=gen)))
+    _, g, _, _ = run(twin, ids, routes)
+    _, g_noisy, _, _ = run(noisy, ids, routes)
+    return rel_err(g_noisy, g)
