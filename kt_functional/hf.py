@@ -758,6 +758,13 @@ def save_adapter(model: nn.Module, save_directory) -> None:
     from safetensors.torch import save_file
 
     layers = _patched_layers(model)
+    for path, kt in layers:
+        layout = _layout_of(kt)
+        if layout.is_transposed or not layout.is_concatenated or not layout.has_gate:
+            raise ValueError(f"model: {path} stores its experts as {layout}; the PEFT adapter format is written for "
+                             "gate_up_proj [E, 2I, H] with gate rows first (is_transposed=False, is_concatenated=True, "
+                             "has_gate=True); save the LoRA merged instead: kt_functional.hf.unpatch_model(model, "
+                             "merge_lora=True).save_pretrained(directory)")
     ranks = {kt.lora_rank for _, kt in layers}
     alphas = {kt.lora_alpha for _, kt in layers}
     if len(ranks) > 1 or len(alphas) > 1:
@@ -860,6 +867,10 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
 
     loaded = []
     for path, kt in layers:
+        layout = _layout_of(kt)
+        if layout.is_transposed or not layout.is_concatenated or not layout.has_gate:
+            raise ValueError(f"model: {path} stores its experts as {layout}; load_adapter reads PEFT adapters of "
+                             "gate_up_proj [E, 2I, H] with gate rows first only")
         E, H, I = kt.num_experts, kt.hidden_size, kt.intermediate_size
         prefix = f"base_model.model.{path}"
         pairs = {}

@@ -181,6 +181,10 @@ def build(family: str, module_name: str, experts_name: str, seed: int = 0):
             reasons.append(f"{cls.__name__}: no {experts_name}")
             continue
         with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            for t in [*model.parameters(), *model.buffers()]:  # left uninitialized (torch.empty) by some classes
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
             for m in experts:
                 for name, p in m.named_parameters(recurse=False):
                     if name.endswith("_bias"):

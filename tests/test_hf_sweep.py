@@ -63,6 +63,8 @@ def test_architecture(family, module, experts):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     y, g, routes, calls = run(model, ids)
     y_ref, g_ref, _, twin_calls = run(twin, ids, routes)
+    if not torch.isfinite(y_ref).all():  # seen once for the Omni talker: its own code read garbage memory
+        pytest.skip(f"{experts}: the unpatched model's output is not finite for this input")
     layers = layer_errors(calls, twin_calls)
     assert max(max(e) for e in layers) <= TOL, layers  # each experts call, the same inputs: y and dx
     assert rel_err(y, y_ref) <= TOL, rel_err(y, y_ref)
@@ -82,3 +84,37 @@ def output_noise_sensitivity(twin, ids, routes) -> float:
     _, g, _, _ = run(twin, ids, routes)
     _, g_noisy, _, _ = run(noisy, ids, routes)
     return rel_err(g_noisy, g)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "nemotron_h"])
+def test_variant_layouts_behave_like_transformers_models(family):
+    """Transposed, interleaved, biased (gpt-oss) and non-gated (Nemotron-H) experts: state_dict in the module's
+    own names and layout loads back exactly, pickling keeps the variant, unpatch_model(merge_lora=True) gives
+    torch experts computing what the patched model computes, and the PEFT adapter format refuses them clearly."""
+    import pickle
+
+    (fam, module, experts), = [c for c in CLASSES if c[0] == family][:1]
+    base, _ = build(fam, module, experts)
+    base.requires_grad_(False)
+    model = hf.patch_model(copy.deepcopy(base), lora_rank=4, lora_alpha=8)
+    randomize_lora_b(model)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    y = logits(model)
+    state = model.state_dict()
+    path = hf.kt_layers(model)[0][0]
+    names = {k.removeprefix(path + ".") for k in state if k.startswith(path + ".") and ".kt_experts." not in k}
+    assert names == set(hf.kt_layers(model)[0][1].experts_layout.names)
+    for name in names:  # the module's own layout: what the unpatched module holds
+        assert state[f"{path}.{name}"].shape == base.get_submodule(path).get_parameter(name).shape
+    reloaded = hf.patch_model(copy.deepcopy(base), lora_rank=4, lora_alpha=8)
+    reloaded.load_state_dict(state)
+    assert torch.equal(logits(reloaded), y)
+    assert torch.equal(logits(pickle.loads(pickle.dumps(model))), y)
+    assert rel_err(logits(hf.unpatch_model(copy.deepcopy(model), merge_lora=True)), y) <= TOL
+    with pytest.raises(ValueError, match="PEFT adapter format.*unpatch_model"):
+        hf.save_adapter(model, "/nonexistent")
