@@ -27,8 +27,8 @@ FAMILY = {
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=8, mamba_d_head=16,
                              mamba_d_state=16, mamba_chunk_size=16),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
-    "ernie4_5_vl_moe": dict(moe_intermediate_size=[32, 32], hidden_size=128, num_attention_heads=2,
-                            num_key_value_heads=1),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[32, 32], rope_parameters={
+        "rope_theta": 500000.0, "rope_type": "default", "mrope_section": [3, 3, 2]}),
     "bailing_hybrid": dict(num_experts_per_token=2, num_expert_group=1, topk_group=1),
     "diffusion_gemma": dict(top_k_experts=2, enable_moe_block=True, vocab_size_per_layer_input=256,
                             hidden_size_per_layer_input=16),
@@ -41,6 +41,15 @@ FAMILY = {
                       indexer_compress_ratio=4, linear_key_head_dim=16, linear_value_head_dim=16,
                       linear_num_key_heads=2, linear_num_value_heads=4, hc_lowrank=16, ple_embed_dim=16,
                       ngram_vocab_size_base=256),
+}
+# Families whose config derives per-layer configurations in its constructor: built from these arguments.
+CONSTRUCTED = {
+    "dots3_note": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, head_dim=24,
+                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=1,
+                       topk_group=1, num_experts_per_tok=2, n_shared_experts=1, vocab_size=256,
+                       first_k_dense_replace=1, use_sliding_window=False, use_dsa=False,
+                       max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 # Fields a family's config class lacks but its model reads (added, not only overridden).
 FAMILY_ADDED = {
@@ -147,6 +156,8 @@ def _model_classes(module):
 
 
 def _config(cls, family: str):
+    if family in CONSTRUCTED:
+        return cls.config_class(**CONSTRUCTED[family])
     cfg = shrink(cls.config_class(), family)
     for sub in ("text_config", "talker_config", "thinker_config"):
         if isinstance(vars(cfg).get(sub), object) and hasattr(vars(cfg).get(sub), "to_dict"):
