@@ -196,8 +196,9 @@ cdef kt.ExpertVariant _variant(tuple v):
 
 def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintptr_t ids, uintptr_t w,
                    int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, tuple variant,
-                   bint save_for_backward):
-    """Plans and submits one forward; returns (Job, ForwardCache or None)."""
+                   bint save_for_backward, int part=0, uintptr_t gate_up_out=0, uintptr_t h_in=0):
+    """Plans and submits one forward (part 0: the whole layer; 1: gate/up written to gate_up_out; 2: down
+    from h_in); returns (Job, ForwardCache or None)."""
     cdef kt.ForwardArgs a
     a.x = <const void*>x
     a.ids = <const int32_t*>ids
@@ -209,6 +210,9 @@ def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintp
     a.lora = _lora(lora)
     a.variant = _variant(variant)
     a.save_for_backward = save_for_backward
+    a.part = <kt.Part>part
+    a.gate_up_out = <float*>gate_up_out
+    a.h_in = <const uint16_t*>h_in
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef shared_ptr[kt.ForwardCache] cache
     cdef Job job = Job.__new__(Job)
@@ -224,8 +228,10 @@ def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintp
 
 
 def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cache, uintptr_t gy, uintptr_t dx,
-                    int dx_dtype, uintptr_t dw, object lora, tuple variant, tuple lora_grads):
-    """Submits one backward over a forward's cache; returns the Job."""
+                    int dx_dtype, uintptr_t dw, object lora, tuple variant, tuple lora_grads, uintptr_t dh_out=0,
+                    uintptr_t dgu_in=0):
+    """Submits one backward over a forward's cache (of the down part: dh to dh_out; of the gate_up part: from
+    dgu_in); returns the Job."""
     cdef kt.BackwardArgs a
     a.gy = <const void*>gy
     a.dx = <void*>dx
@@ -239,6 +245,8 @@ def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cach
     a.d_up_b = <float*><uintptr_t>lora_grads[3]
     a.d_down_a = <float*><uintptr_t>lora_grads[4]
     a.d_down_b = <float*><uintptr_t>lora_grads[5]
+    a.dh_out = <float*>dh_out
+    a.dgu_in = <const uint16_t*>dgu_in
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef Job job = Job.__new__(Job)
     cdef kt.Pool* p = pool.ptr.get()

@@ -103,6 +103,11 @@ cdef extern from "amx_emulator.hpp" namespace "kt::amx":
 
 
 cdef extern from "moe.hpp" namespace "kt":
+    cdef enum class Part(int):
+        whole
+        gate_up
+        down
+
     cdef cppclass LoraView:
         const void* gate_a
         const void* gate_b
@@ -132,6 +137,9 @@ cdef extern from "moe.hpp" namespace "kt":
         LoraView lora
         ExpertVariant variant
         bool save_for_backward
+        Part part
+        float* gate_up_out
+        const uint16_t* h_in
 
     cdef cppclass BackwardArgs:
         const void* gy
@@ -146,6 +154,8 @@ cdef extern from "moe.hpp" namespace "kt":
         float* d_up_b
         float* d_down_a
         float* d_down_b
+        float* dh_out
+        const uint16_t* dgu_in
 
     shared_ptr[Job] make_forward_job(shared_ptr[const PackedExperts], const KernelSet&, int, const ForwardArgs&,
                                      shared_ptr[ForwardCache]*) except + nogil
