@@ -223,9 +223,30 @@ def _gated_variant(module: nn.Module, layout: ExpertsLayout, activation: str | N
     return None
 
 
-def experts_support(name: str, module: nn.Module) -> tuple[ExpertsLayout, ExpertVariant]:
-    """(storage layout, variant) of an experts module, from its properties; ValueError naming the module, the
-    property and the supported values when the kernels cannot run it."""
+class ModuleGate:
+    """The split path's gate function of an experts module: its own _apply_gate on g | u placed as its layout
+    says (or its act_fn on u when it has no gate), in torch under autograd."""
+
+    def __init__(self, module: nn.Module, layout: ExpertsLayout):
+        self.module, self.layout = module, layout
+
+    def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if not self.layout.has_gate:
+            return self.module.act_fn(u)
+        shape, I = g.shape, g.shape[-1]
+        pair = (torch.cat([g, u], dim=-1) if self.layout.is_concatenated
+                else torch.stack([g, u], dim=-1).flatten(-2))
+        return self.module._apply_gate(pair.reshape(-1, 2 * I)).reshape(shape)
+
+    def __repr__(self) -> str:
+        what = "_apply_gate" if self.layout.has_gate else "act_fn"
+        return f"{type(self.module).__name__}.{what} (torch)"
+
+
+def experts_support(name: str, module: nn.Module) -> tuple[ExpertsLayout, ExpertVariant | None]:
+    """(storage layout, variant) of an experts module, from its properties; variant None: the kernels' epilogues
+    do not compute its gate function, which then runs in torch between two kernel calls (the split path).
+    ValueError naming the module, the property and the supported values when the kernels cannot run it."""
     for prop in _PROPERTIES:
         _property(name, module, prop)
     layout = ExpertsLayout(*(bool(getattr(module, p, _PROPERTIES[p][0]))
@@ -240,22 +261,10 @@ def experts_support(name: str, module: nn.Module) -> tuple[ExpertsLayout, Expert
     apply_gate = getattr(module, "_apply_gate", None)
     custom_gate = getattr(apply_gate, "__func__", apply_gate) not in (None, _default_apply_gate())
     if not layout.has_gate:
-        if activation is None:
-            raise ValueError(f"model: experts module {name} ({type(module).__name__}) has has_gate=False with "
-                             f"act_fn={act_fn!r}; kt-functional supports act_fn computing one of "
-                             f"{list(_GATED_ACTIVATIONS)}")
-        return layout, ExpertVariant(gated=False, activation=activation)
+        return layout, None if activation is None else ExpertVariant(gated=False, activation=activation)
     if not custom_gate:
-        if activation is None:
-            raise ValueError(f"model: experts module {name} ({type(module).__name__}) has act_fn={act_fn!r}; "
-                             f"kt-functional supports act_fn computing one of {list(_GATED_ACTIVATIONS)}")
-        return layout, ExpertVariant(activation=activation)
-    variant = _gated_variant(module, layout, activation)
-    if variant is None:
-        raise ValueError(f"model: experts module {name} ({type(module).__name__}) has a custom _apply_gate that "
-                         "computes none of the kernels' gated variants; kt-functional supports act(min(g, L)) * "
-                         f"(clamp(u, -L, L) + c) with act in {list(_GATED_ACTIVATIONS)} or swish(alpha)")
-    return layout, variant
+        return layout, None if activation is None else ExpertVariant(activation=activation)
+    return layout, _gated_variant(module, layout, activation)
 
 
 def _default_apply_gate():
@@ -378,7 +387,7 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager", bf
         lora = {name: getattr(kt, name) for name in _LORA_NAMES}
         layout = _layout_of(kt)
         if impl == "grouped_mm":
-            if (layout, kt.weights.variant) != (ExpertsLayout(), ExpertVariant()):
+            if (layout, kt.weights.variant, kt.gate_fn) != (ExpertsLayout(), ExpertVariant(), None):
                 raise ValueError(f"impl: 'grouped_mm' twins SwiGLU experts in the standard layout; {path} computes "
                                  f"{kt.weights.variant} with {layout}")
             replacement = TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha, impl=impl)
@@ -429,7 +438,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         else:
             if any(p.is_meta for p in params.values()):
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
-            weights = _pack(layout.split(params), variant, threads)
+            kernel_variant = variant or ExpertVariant(gated=layout.has_gate)  # split path: no epilogue runs
+            weights = _pack(layout.split(params), kernel_variant, threads)
         dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
         up = layout.split(params)["up"]
         expected = (up.shape[0], up.shape[2], up.shape[1])
@@ -438,6 +448,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         kt = KTExperts(weights, lora_rank, lora_alpha, threads, isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
         kt.peft_param_order = [p for p in module._parameters if p in layout.names[:2]]
         kt.experts_layout = layout
+        if variant is None:
+            kt.gate_fn = ModuleGate(module, layout)
         if use_interface:
             for n in layout.names:  # frees the torch expert weights
                 delattr(module, n)

@@ -24,9 +24,9 @@ CLASSES = experts_classes()
 # Experts classes the kernels do not run, and why (patch_model must refuse them naming the property).
 UNSUPPORTED = {
     "MuseSparkExperts": "has_post_expert_norm",
-    "Inkling2Experts": "_apply_gate",
-    "Inkling2LoopExperts": "_apply_gate",
 }
+# Experts classes whose gate function no epilogue computes: they run on the split path.
+SPLIT = {"Inkling2Experts", "Inkling2LoopExperts"}
 
 
 # Tiny random models whose own input-embedding gradient moves by several % when the experts outputs move by
@@ -60,6 +60,7 @@ def test_architecture(family, module, experts):
     twin = hf.torch_lora_twin(base, model, bf16_inputs=True)
     layers = hf.kt_layers(model)
     assert layers and all(type(model.get_submodule(path)).__name__ == experts for path, _ in layers)
+    assert all((kt.gate_fn is not None) == (experts in SPLIT) for _, kt in layers)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     y, g, routes, calls = run(model, ids)
     y_ref, g_ref, _, twin_calls = run(twin, ids, routes)
