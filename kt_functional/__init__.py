@@ -21,7 +21,7 @@ def available_isas() -> list[str]:
 
 def release_workspaces() -> int:
     """Returns the kernels' cached per-call workspaces to the OS (they are kept for reuse, at most
-    KT_WORKSPACE_CACHE_MB MiB, default 1024); returns the bytes released."""
+    the peak workspace in use at once, or KT_WORKSPACE_CACHE_MB MiB); returns the bytes released."""
     return _core.release_workspaces()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .state import _LORA_NAMES, ExpertVariant, ExpertWeights, _default_threads
+from .state import _LORA_NAMES, ExpertVariant, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
 EXPERTS_IMPLEMENTATION = "kt_functional"
@@ -415,7 +415,8 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             if (layout, variant) != (ExpertsLayout(), ExpertVariant()):
                 raise ValueError(f"checkpoint: {name} computes {variant} stored as {layout}; streaming from a "
                                  "checkpoint (load_experts) reads SwiGLU experts in the standard layout only")
-    threads = threads or _default_threads()
+    threads = resolve_threads(threads)
+    check_lora_options(lora_rank, lora_alpha)
     if checkpoint is not None:
         packed = dict(load_experts(checkpoint, threads=threads))
         wanted = {_layer_index(name) for name, _ in experts}

@@ -3,6 +3,10 @@
 Functions never mutate their inputs. A cache is a handle to one forward's residuals, sized by
 that call's T: it is consumed by exactly one moe_backward, many can be alive at once, and its
 memory is freed when it is consumed or garbage-collected.
+
+Outputs take the kind of x, decided at forward time: numpy x (float32) gives numpy float32 arrays
+for y and every gradient; a torch x gives y and grads.x in x's dtype and grads.w in w's dtype,
+on x's device, and the LoRA gradients as fp32 CPU tensors.
 """
 from __future__ import annotations
 
@@ -40,28 +44,33 @@ class Grads:
 
 
 class MoECache:
-    """Handle to the residuals of one forward call (see the module docstring)."""
+    """Handle to the residuals of one forward call (see the module docstring). Single use: it cannot
+    be copied or pickled."""
 
-    __slots__ = ("_core", "_state_token", "_meta", "_lora_versions", "__weakref__")
+    __slots__ = ("_core", "_state_token", "_meta", "_lora_key", "_lora_anchor", "__weakref__")
 
-    def __init__(self, core, state: MoEState, meta: dict, lora_versions):
-        self._core = core
+    def __init__(self, core, state: MoEState, meta: dict, lora_stamp):
+        self._core = core  # _core.ForwardCache: the backward takes its residuals out, once
         self._state_token = state._token
         self._meta = meta
-        self._lora_versions = lora_versions
+        self._lora_key, self._lora_anchor = lora_stamp or (None, None)
 
     @property
     def consumed(self) -> bool:
-        return self._core is None
+        return self._core.consumed
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the residuals (0 once consumed)."""
-        return 0 if self._core is None else self._core.nbytes
+        return self._core.nbytes
 
     @property
     def num_tokens(self) -> int:
         return self._meta["T"]
+
+    def __reduce_ex__(self, protocol):  # copy.copy, copy.deepcopy and pickle all come here
+        raise TypeError("MoECache: a forward's cache is single-use and cannot be copied or pickled; "
+                        "pass the cache itself to moe_backward")
 
     def __repr__(self):
         state = "consumed" if self.consumed else f"{self.nbytes} bytes"
@@ -96,7 +105,9 @@ def _forward_inputs(state: MoEState, x, ids, w):
         if lo < -1:
             raise ValueError(f"ids: expert ids must be >= -1 (-1 = unused slot; ids >= {E} are expert-parallel "
                              f"sentinels, skipped like -1), got a minimum of {lo}")
-    meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": w.dtype, "numpy": x_np, "device": x.device}
+    # The outputs' kind (module docstring): numpy has no bf16, so numpy outputs are all float32.
+    meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": torch.float32 if x_np else w.dtype, "numpy": x_np,
+            "device": x.device}
     return (cpu_contiguous(x, torch.bfloat16), cpu_contiguous(ids, torch.int32), cpu_contiguous(w, torch.float32),
             meta)
 
@@ -137,9 +148,10 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
     y = torch.empty(T, state.weights.hidden_size, dtype=meta["x_dtype"])
     job, core_cache = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
-        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, state.weights.variant_args(), bool(save_for_backward),
+        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+        variant=state.weights.variant_args(),
     )
-    cache = MoECache(core_cache, state, meta, state.lora_versions()) if save_for_backward else None
+    cache = MoECache(core_cache, state, meta, state.lora_stamp()) if save_for_backward else None
     return ForwardHandle(job, y, cache, (xb, ids32, wf, lora_tensors, state.weights), meta)
 
 
@@ -154,20 +166,24 @@ def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
 
 
 def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
-    """Gradients of the forward that made cache, given gy = dL/dy [T, H]; consumes the cache."""
+    """Gradients of the forward that made cache, given gy = dL/dy [T, H]; consumes the cache.
+
+    Everything is checked and converted before the cache is consumed: on an error the cache stays usable.
+    """
     state = _check_state(state)
     if not isinstance(cache, MoECache):
         raise TypeError(
             f"cache: expected the MoECache returned by moe_forward(save_for_backward=True), got {type(cache).__name__}"
         )
     if cache.consumed:
-        raise ValueError("cache: already consumed by a moe_backward; each forward's cache can be used once")
+        raise ValueError(_core.CACHE_CONSUMED)
     if cache._state_token is not state._token:
         raise ValueError("cache: it was made by a different MoEState")
-    if cache._lora_versions != state.lora_versions():
+    lora_key, _ = state.lora_stamp() or (None, None)
+    if cache._lora_key != lora_key:
         raise ValueError(
-            "state.lora: a LoRA tensor was modified in place between moe_forward and moe_backward; "
-            "run the backward before the optimizer step"
+            "state.lora: a LoRA tensor was modified in place or replaced (p.data = ...) between moe_forward and "
+            "moe_backward; run the backward before the optimizer step"
         )
     meta = cache._meta
     T, k, H = meta["T"], meta["k"], state.weights.hidden_size
@@ -180,12 +196,14 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     lora_args, lora_tensors = state.lora_args()
     grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
     grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+    # Consumes the cache atomically (ValueError if another thread got it first); the running job
+    # holds the residuals and frees them when done.
     job = _core.submit_backward(
         state._pool, state.weights.packed, state.isa, cache._core, gyb.data_ptr(), dx.data_ptr(),
-        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, state.weights.variant_args(), grad_ptrs,
+        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=state.weights.variant_args(),
     )
-    cache._core = None  # consumed: the running job holds the residuals and frees them when done
     job.wait()
+    # From here on only conversions the forward's output kind allows (none can fail).
     numpy, device = meta["numpy"], meta["device"]
     lora = LoRAGrads(*(to_kind(g, numpy, torch.device("cpu")) for g in grads)) if grads else None
     return Grads(
@@ -207,7 +225,7 @@ _PART_GATE_UP, _PART_DOWN = 1, 2
 
 
 def _split_cache(cache, state, meta, part: int):
-    return MoECache(cache, state, {**meta, "part": part}, state.lora_versions())
+    return MoECache(cache, state, {**meta, "part": part}, state.lora_stamp())
 
 
 def moe_gate_up_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
@@ -220,8 +238,8 @@ def moe_gate_up_forward(state: MoEState, x, ids, w, *, save_for_backward: bool =
     out = torch.zeros(T, k, 2 * I)
     job, core = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(), T, k, 0,
-        DTYPE_CODE[torch.float32], lora_args, state.weights.variant_args(), bool(save_for_backward),
-        _PART_GATE_UP, out.data_ptr(), 0)
+        DTYPE_CODE[torch.float32], lora_args, bool(save_for_backward), variant=state.weights.variant_args(),
+        part=_PART_GATE_UP, gate_up_out=out.data_ptr())
     job.wait()
     return out, (_split_cache(core, state, meta, _PART_GATE_UP) if save_for_backward else None)
 
@@ -243,8 +261,8 @@ def moe_down_forward(state: MoEState, h, ids, w, *, save_for_backward: bool = Tr
     y = torch.empty(T, H, dtype=h.dtype)
     job, core = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, 0, ids32.data_ptr(), wf.data_ptr(), T, k, y.data_ptr(),
-        DTYPE_CODE[y.dtype], lora_args, state.weights.variant_args(), bool(save_for_backward), _PART_DOWN, 0,
-        hb.data_ptr())
+        DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward), variant=state.weights.variant_args(),
+        part=_PART_DOWN, h_in=hb.data_ptr())
     job.wait()
     return y, (_split_cache(core, state, {**meta, "x_dtype": h.dtype}, _PART_DOWN) if save_for_backward else None)
 
@@ -255,11 +273,12 @@ def _split_backward(state: MoEState, cache, part: int, gy=None, dgate_up=None):
         which = {_PART_GATE_UP: "moe_gate_up_forward", _PART_DOWN: "moe_down_forward"}[part]
         raise TypeError(f"cache: expected the MoECache returned by {which}(save_for_backward=True)")
     if cache.consumed:
-        raise ValueError("cache: already consumed by a backward; each forward's cache can be used once")
+        raise ValueError(_core.CACHE_CONSUMED)
     if cache._state_token is not state._token:
         raise ValueError("cache: it was made by a different MoEState")
-    if cache._lora_versions != state.lora_versions():
-        raise ValueError("state.lora: a LoRA tensor was modified in place between the forward and the backward")
+    if cache._lora_key != (state.lora_stamp() or (None, None))[0]:
+        raise ValueError("state.lora: a LoRA tensor was modified in place or replaced between the forward and the "
+                         "backward")
     meta = cache._meta
     T, k, H, I = meta["T"], meta["k"], state.weights.hidden_size, state.weights.intermediate_size
     lora_args, lora_tensors = state.lora_args()
@@ -281,9 +300,8 @@ def _split_backward(state: MoEState, cache, part: int, gy=None, dgate_up=None):
         dgu = src.data_ptr()
     job = _core.submit_backward(
         state._pool, state.weights.packed, state.isa, cache._core, src.data_ptr() if part == _PART_DOWN else 0,
-        dx.data_ptr(), DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, state.weights.variant_args(), grad_ptrs,
-        0 if dh is None else dh.data_ptr(), dgu)
-    cache._core = None
+        dx.data_ptr(), DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=state.weights.variant_args(),
+        dh_out=0 if dh is None else dh.data_ptr(), dgu_in=dgu)
     job.wait()
     lora = LoRAGrads(*grads) if grads else None
     return Grads(x=dh if part == _PART_DOWN else dx, w=dw.to(meta["w_dtype"]) if part == _PART_DOWN else None,

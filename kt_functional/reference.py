@@ -8,7 +8,10 @@ Contents
 --------
 - :func:`moe_reference`        float32 forward of MATH.md (loop over experts).
 - :func:`moe_reference_grads`  gradients of the reference by torch autograd.
+- :func:`moe_reference_pairs`  per routed pair: ``h`` and ``dh_raw`` of MATH.md's backward.
+- :func:`dw_magnitude`         ``m[t, j] = sum_i |dh_raw[i]| |h[i]|``, the scale of dw's error bound.
 - :func:`rel_err`              ``||out - ref|| / ||ref||`` (MATH.md's tolerance measure).
+- :func:`dw_err`               ``||dw - ref|| / ||m||`` (MATH.md's measure for dw).
 - :func:`make_problem`         random test inputs with realistic scales.
 - :func:`eager_loop_moe`       peer: bf16 per-expert python loop (transformers "eager" experts).
 - :func:`grouped_mm_moe`       peer: bf16 ``torch._grouped_mm`` over expert-sorted routes
@@ -27,7 +30,10 @@ __all__ = [
     "LORA_KEYS",
     "moe_reference",
     "moe_reference_grads",
+    "moe_reference_pairs",
+    "dw_magnitude",
     "rel_err",
+    "dw_err",
     "make_problem",
     "eager_loop_moe",
     "grouped_mm_moe",
@@ -94,6 +100,8 @@ def _hidden(g, u, variant):
     """h of MATH.md's "Expert variants" table: gated act(min(g, L)) * (clamp(u, -L, L) + offset), or act(u)."""
     if variant is None:
         return g * torch.sigmoid(g) * u
+    if callable(variant):  # a gate function of its own (the split path's)
+        return variant(g, u)
     act = _ACTIVATIONS[variant.activation]
     alpha = getattr(variant, "alpha", None)
     if not variant.gated:
@@ -112,7 +120,8 @@ def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None, variant=None
     x [T,H], ids [T,k] (-1 = unused slot, >= E = sentinel, both skipped), w [T,k], gate/up [E,I,H],
     down [E,H,I] (gate unused when not gated); lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r],
     up_a [E,r,H], up_b [E,I,r], down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  variant: None
-    (SwiGLU) or an object with gated, activation, alpha, limit, up_offset (MATH.md "Expert variants");
+    (SwiGLU), an object with gated, activation, alpha, limit, up_offset (MATH.md "Expert variants") or a
+    function (g, u) -> h;
     biases: None or a mapping with any of "gate" [E,I], "up" [E,I], "down" [E,H].  Every input is
     upcast to float32 (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
     """
@@ -201,6 +210,70 @@ def rel_err(out, ref):
     if nref == 0.0:
         return torch.linalg.vector_norm(out).item()
     return torch.linalg.vector_norm(out - ref).item() / nref
+
+
+def moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
+    """Per routed pair (t, j), float32, written from MATH.md's forward and backward:
+    ``h = silu(g) * u`` (or the variant's h, biases included) and ``dh_raw = Wd^T gy_t + s Ad^T (Bd^T gy_t)``,
+    both [T, k, I] (zero at -1 and sentinel slots).  ``dw = (dh_raw * h).sum(-1)`` (+ ``gy_t . bd`` with a
+    down bias).  ``w`` is unused (dh_raw is unweighted): the arguments are those of
+    :func:`moe_reference_grads`."""
+    biases = {k: _f32(v).detach() for k, v in (biases or {}).items() if v is not None}
+    x, gy = _f32(x).detach(), _f32(gy).detach()
+    gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
+    E, I = gate.shape[0], gate.shape[1]
+    ids = _check_ids(ids, E)
+    T, k = ids.shape
+    if lora is not None:
+        s = _lora_scale(lora, scale)
+        Ag, Bg, Au, Bu, Ad, Bd = (_f32(_lora_get(lora, n)).detach() for n in LORA_KEYS)
+    h = torch.zeros(T, k, I)
+    dh_raw = torch.zeros(T, k, I)
+    for e in range(E):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe, gye = x.index_select(0, tok), gy.index_select(0, tok)   # [n, H]
+        g = xe @ gate[e].float().T                                  # [n, I]
+        u = xe @ up[e].float().T
+        d = gye @ down[e].float()                                   # Wd^T gy: [n, I]
+        if lora is not None:
+            g = g + s * ((xe @ Ag[e].T) @ Bg[e].T)
+            u = u + s * ((xe @ Au[e].T) @ Bu[e].T)
+            d = d + s * ((gye @ Bd[e]) @ Ad[e])
+        if "gate" in biases:
+            g = g + biases["gate"][e]
+        if "up" in biases:
+            u = u + biases["up"][e]
+        h[tok, slot] = _hidden(g, u, variant)
+        dh_raw[tok, slot] = d
+    return h, dh_raw
+
+
+def dw_magnitude(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
+    """``m[t, j] = sum_i |dh_raw[i]| |h[i]|`` [T, k] (0 at -1 slots), plus ``sum_h |gy_t[h]| |bd[h]|`` with a
+    down bias: dw is a dot product, and MATH.md bounds its error by that of the magnitudes,
+    ``||dw - ref|| <= 1e-2 ||m||``."""
+    h, dh_raw = moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy, variant, biases)
+    m = (dh_raw.abs() * h.abs()).sum(-1)
+    if biases and biases.get("down") is not None:
+        ids = _as_tensor(ids).to(torch.int64)
+        bd = _f32(biases["down"]).detach().abs()
+        routed = (ids >= 0) & (ids < bd.shape[0])
+        gy = _f32(gy).detach().abs()
+        m = m + torch.where(routed, (gy[:, None, :] * bd[ids.clamp(0, bd.shape[0] - 1)]).sum(-1), 0.0)
+    return m
+
+
+def dw_err(out, ref, m):
+    """``||out - ref|| / ||m||`` in float64 norms (``||out - ref||`` when ``||m|| == 0``)."""
+    out = _as_tensor(out).detach().to(torch.float64)
+    ref = _as_tensor(ref).detach().to(torch.float64)
+    if out.shape != ref.shape or ref.shape != m.shape:
+        raise ValueError(f"shape mismatch: out {tuple(out.shape)}, ref {tuple(ref.shape)}, m {tuple(m.shape)}")
+    diff = torch.linalg.vector_norm(out - ref).item()
+    nm = torch.linalg.vector_norm(_as_tensor(m).to(torch.float64)).item()
+    return diff / nm if nm > 0.0 else diff
 
 
 # ----------------------------------------------------------------------------- problems

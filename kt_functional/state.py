@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _core
-from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_dtype
+from ._convert import DTYPE_CODE, FLOAT_DTYPES, as_tensor, check_alpha, check_dtype, check_int, check_threads
 
 MAX_LORA_RANK = 128
 BACKWARD_WEIGHTS = ("on_the_fly", "resident")
@@ -34,6 +34,18 @@ def _spec(t: torch.Tensor) -> tuple:
 
 def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_threads(threads, name: str = "threads") -> int:
+    """None: one worker per CPU this process may run on; else an int in 1..MAX_THREADS."""
+    return _default_threads() if threads is None else check_threads(threads, name)
+
+
+def check_lora_options(lora_rank, lora_alpha) -> tuple[int | None, float]:
+    """(lora_rank, lora_alpha) of a module or model to patch: rank None (no LoRA) or in 1..MAX_LORA_RANK."""
+    if lora_rank is not None:
+        lora_rank = check_int(lora_rank, "lora_rank", 1, MAX_LORA_RANK)
+    return lora_rank, check_alpha(lora_alpha, lora_rank, "lora_alpha")
 
 
 # Activations of the kernels' epilogues -> (kt::Activation code, the swish alpha it implies or None).
@@ -174,26 +186,26 @@ class ExpertWeights:
             raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
         if not isinstance(variant, ExpertVariant):
             raise TypeError(f"variant: expected ExpertVariant, got {type(variant).__name__}")
-        up = _expert_tensor(up, "up")
-        down = _expert_tensor(down, "down")
-        E, I, H = up.shape
         if variant.gated:
             gate = _expert_tensor(gate, "gate")
-            if tuple(gate.shape) != (E, I, H):
-                raise ValueError(f"gate: expected shape [E, I, H] = {[E, I, H]} like up, got {list(gate.shape)}")
         elif gate is not None:
             raise ValueError("gate: a non-gated variant (variant.gated=False) has no gate projection; pass None")
-        else:  # the gate panels stay zero: a stride-0 view costs no memory
+        up = _expert_tensor(up, "up")
+        down = _expert_tensor(down, "down")
+        E, I, H = (gate if variant.gated else up).shape
+        if not variant.gated:  # the gate panels stay zero: a stride-0 view costs no memory
             gate = torch.zeros(1, 1, 1, dtype=up.dtype).expand(E, I, H)
+        elif tuple(up.shape) != (E, I, H):
+            raise ValueError(f"up: expected shape [E, I, H] = {[E, I, H]} like gate, got {list(up.shape)}")
         if tuple(down.shape) != (E, H, I):
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
-            raise ValueError(f"up: every dimension must be >= 1, got {[E, I, H]}")
+            raise ValueError(f"{'gate' if variant.gated else 'up'}: every dimension must be >= 1, got {[E, I, H]}")
         if gate_bias is not None and not variant.gated:
             raise ValueError("gate_bias: a non-gated variant has no gate projection")
         biases = (_bias(gate_bias, "gate_bias", (E, I)), _bias(up_bias, "up_bias", (E, I)),
                   _bias(down_bias, "down_bias", (E, H)))
-        pool = _core.Pool(threads or _default_threads())
+        pool = _core.Pool(resolve_threads(threads))
         packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
                                      backward_weights == "resident")
         return cls(packed, E, H, I, backward_weights, variant, *biases)
@@ -219,6 +231,33 @@ def _unpickle_expert_weights(gate, up, down, backward_weights: str, variant: Exp
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
 
 
+def _lora_shapes(E: int, H: int, I: int, r: int) -> dict[str, tuple]:
+    return {"gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
+            "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r)}
+
+
+def _check_lora_tensor(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"{name}: expected a 3-D tensor (one matrix per expert), got shape {list(t.shape)}")
+    check_dtype(t, name, FLOAT_DTYPES)
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: LoRA tensors must live on the CPU, got device {t.device}")
+
+
+def _check_lora_set(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple], origin: str, prefix: str = "") -> None:
+    dtype = tensors["gate_a"].dtype
+    for name, t in tensors.items():
+        if t.dtype != dtype:
+            raise TypeError(f"{prefix}{name}: all six LoRA tensors must share one dtype, got {str(t.dtype)[6:]} "
+                            f"and {str(dtype)[6:]} for gate_a")
+    E, r, H = shapes["gate_a"]
+    I = shapes["gate_b"][1]
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{prefix}{name}: expected shape {list(shape)} (E={E}, r={r}, H={H}, I={I} {origin}), "
+                             f"got {list(tensors[name].shape)}")
+
+
 @dataclass(frozen=True, eq=False)
 class LoRA:
     """LoRA adapters on every expert's gate, up and down projections, in PEFT's shapes:
@@ -236,38 +275,33 @@ class LoRA:
     down_a: torch.Tensor
     down_b: torch.Tensor
     alpha: float = 32.0
+    _shapes: dict = field(init=False, repr=False)  # the six shapes at construction, checked at every call
 
     def __post_init__(self):
         tensors = {}
         for name in _LORA_NAMES:
             t, _ = as_tensor(getattr(self, name), name)
-            if t.dim() != 3:
-                raise ValueError(f"{name}: expected a 3-D tensor (one matrix per expert), got shape {list(t.shape)}")
-            check_dtype(t, name, FLOAT_DTYPES)
-            if t.device.type != "cpu":
-                raise ValueError(f"{name}: LoRA tensors must live on the CPU, got device {t.device}")
+            _check_lora_tensor(t, name)
             tensors[name] = t
             object.__setattr__(self, name, t)
-        dtypes = {t.dtype for t in tensors.values()}
-        if len(dtypes) > 1:
-            raise TypeError(f"gate_a: all six LoRA tensors must share one dtype, got {sorted(map(str, dtypes))}")
         E, r, H = tensors["gate_a"].shape
         I = tensors["gate_b"].shape[1]
-        expected = {
-            "gate_a": (E, r, H), "gate_b": (E, I, r), "up_a": (E, r, H),
-            "up_b": (E, I, r), "down_a": (E, r, I), "down_b": (E, H, r),
-        }
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(
-                    f"{name}: expected shape {list(shape)} (E={E}, r={r}, H={H}, I={I} from gate_a/gate_b), "
-                    f"got {list(tensors[name].shape)}"
-                )
+        _check_lora_set(tensors, _lora_shapes(E, H, I, r), "from gate_a/gate_b")
         if not 1 <= r <= MAX_LORA_RANK:
             raise ValueError(f"gate_a: LoRA rank must be in 1..{MAX_LORA_RANK}, got {r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise TypeError(f"alpha: expected a finite number, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, r))
+        object.__setattr__(self, "_shapes", _lora_shapes(E, H, I, r))
+
+    def checked_tensors(self) -> list[torch.Tensor]:
+        """The six tensors as they are now, checked again: a framework may have replaced a tensor's
+        storage (`p.data = ...`) since this LoRA was built, and the kernels trust these shapes."""
+        tensors = {}
+        for name in _LORA_NAMES:
+            t = getattr(self, name)
+            _check_lora_tensor(t, f"lora.{name}")
+            tensors[name] = t
+        _check_lora_set(tensors, self._shapes, "as when the LoRA was built", prefix="lora.")
+        return list(tensors.values())
 
     @property
     def rank(self) -> int:
@@ -296,8 +330,7 @@ class LoRA:
         """PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0."""
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
-        if not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
-            raise ValueError(f"rank: expected an int in 1..{MAX_LORA_RANK}, got {rank!r}")
+        rank = check_int(rank, "rank", 1, MAX_LORA_RANK)
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         gen = torch.Generator().manual_seed(seed)
 
@@ -340,10 +373,7 @@ class MoEState:
                     f"lora: adapters are for (E, H, I) = {(E, H, I)}, weights are "
                     f"{(w.num_experts, w.hidden_size, w.intermediate_size)}"
                 )
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
-            raise TypeError(f"threads: expected an int >= 1, got {self.threads!r}")
-        if self.threads < 1:
-            raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
+        object.__setattr__(self, "threads", check_threads(self.threads))
         isa = _core.default_isa() if self.isa is None else self.isa
         if isa not in _core.runnable_isas():
             raise ValueError(f"isa: '{isa}' cannot run here; available: {_core.runnable_isas()}")
@@ -355,17 +385,22 @@ class MoEState:
         return MoEState, (self.weights, self.lora, self.threads, self.isa)
 
     def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
-        """Pointers of the LoRA tensors as they are now, and the tensors to keep alive meanwhile."""
+        """Pointers of the LoRA tensors as they are now (checked again), and the tensors to keep alive meanwhile."""
         if self.lora is None:
             return None, []
-        ts = [getattr(self.lora, name).detach().contiguous() for name in _LORA_NAMES]
+        ts = [t.detach().contiguous() for t in self.lora.checked_tensors()]
         ptrs = tuple(t.data_ptr() for t in ts)
         return ptrs + (DTYPE_CODE[ts[0].dtype], self.lora.rank, self.lora.scale), ts
 
-    def lora_versions(self) -> tuple[int, ...] | None:
+    def lora_stamp(self) -> tuple[tuple, list[torch.Tensor]] | None:
+        """(key, anchor) of the LoRA tensors' contents now. The key holds per tensor its version counter
+        (in-place changes), data pointer and strides (a replaced storage, `p.data = ...`); compare keys
+        while holding the anchor, views that keep those storages alive so that no other tensor can get
+        their addresses meanwhile."""
         if self.lora is None:
             return None
-        return tuple(getattr(self.lora, name)._version for name in _LORA_NAMES)
+        tensors = [getattr(self.lora, name) for name in _LORA_NAMES]
+        return tuple((t._version, t.data_ptr(), t.stride()) for t in tensors), [t.detach() for t in tensors]
 
 
 __all__ = ["ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "ACTIVATIONS"]

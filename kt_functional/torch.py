@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._convert import check_alpha
 from .ops import (MoECache, moe_backward, moe_down_backward, moe_down_forward, moe_forward, moe_gate_up_backward,
                   moe_gate_up_forward)
-from .state import _LORA_NAMES, MAX_LORA_RANK, ExpertWeights, LoRA, MoEState, _default_threads
+from .state import (_LORA_NAMES, MAX_LORA_RANK, ExpertWeights, LoRA, MoEState, check_lora_options,
+                    resolve_threads)
 
 _NAMESPACE = "kt_functional"
 
@@ -194,7 +196,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, layer: int,
     x, w = _kernel_dtype(x), _kernel_dtype(w)
     lora = [_kernel_dtype(t) for t in lora]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *lora])
-    y, _ = torch.ops.kt_functional.moe_forward(x, ids, w, lora, layer, float(alpha), save)
+    y, _ = torch.ops.kt_functional.moe_forward(x, ids, w, lora, layer, check_alpha(alpha, None), save)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -271,9 +273,10 @@ class KTExperts(nn.Module):
         super().__init__()
         if not isinstance(weights, ExpertWeights):
             raise TypeError(f"weights: expected ExpertWeights, got {type(weights).__name__}")
-        self._state = MoEState(weights, None, threads=threads or _default_threads(), isa=isa)
+        lora_rank, lora_alpha = check_lora_options(lora_rank, lora_alpha)
+        self._state = MoEState(weights, None, threads=resolve_threads(threads), isa=isa)
         self._layer = register_layer(self._state)
-        self.lora_alpha = float(lora_alpha)
+        self.lora_alpha = lora_alpha
         if lora_rank is None:
             self.lora_rank = 0
             return

@@ -110,7 +110,9 @@ def expected_tile_ops(routes_per_expert, H, I, r, backward):
     """The micro-kernel's tiling, written independently of the library: per expert, rows padded to
     16 and split into 64-row blocks; each GEMM in 2 x 2 tile blocks (2 row tiles x 2 panels), one
     K step per 32 of K. Base GEMMs run per column chunk of 6 panels (gate_up: 3 gate + 3 up); each adds its LoRA expand on the same chunk (K = the rank slots, C loaded back);
-    the LoRA projects run per row block over all their panels (rank slots: gate [0, r), up [R, R+r))."""
+    the LoRA projects run per row block over all their panels (rank slots: gate [0, r), up [R, R+r)).
+    fp32 LoRA is carried as bf16 hi + lo parts: a project of width N (rounded to 16) gets N more
+    columns, an expand N more K rows."""
     Hp, Ip, Hpan, Ipan = _ceil(H, 32) * 32, _ceil(I, 32) * 32, _ceil(H, 16), _ceil(I, 16)
     R = _ceil(r, 16) * 16
     n = dict(dot_products=0, loads_a=0, loads_b=0, loads_c=0, zeros=0, stores_c=0, useful=0)
@@ -127,10 +129,11 @@ def expected_tile_ops(routes_per_expert, H, I, r, backward):
                 n["loads_c" if accumulate else "zeros"] += mt * nt
                 n["stores_c"] += mt * nt
 
+    W_gu, W_d = 2 * _ceil(R + r, 16) * 16, 2 * _ceil(r, 16) * 16  # hi and lo parts
     # (base K, panels, panels per chunk, LoRA expand K, LoRA project (K, N) before it or None)
-    gemms = [(Hp, 2 * Ipan, 6, R + r, (Hp, R + r)), (Ip, Hpan, 6, r, (Ip, r))]
+    gemms = [(Hp, 2 * Ipan, 6, W_gu, (Hp, W_gu)), (Ip, Hpan, 6, W_d, (Ip, W_d))]
     if backward:
-        gemms += [(Hp, Ipan, 6, r, (Hp, r)), (2 * Ip, Hpan, 6, R + r, (2 * Ip, R + r))]
+        gemms += [(Hp, Ipan, 6, W_d, (Hp, W_d)), (2 * Ip, Hpan, 6, W_gu, (2 * Ip, W_gu))]
     for routes in routes_per_expert:
         if routes == 0:
             continue
@@ -168,7 +171,7 @@ def test_tile_operations_pinned():
     # The figures themselves (routes per expert 21, 20, 0, 18, 15: rows padded to 32, 32, 32, 16;
     # LoRA r=4 included: its projects and expands are tile GEMMs too).
     assert routes == [21, 20, 0, 18, 15]
-    assert (both["dot_products"], both["loads_a"], both["loads_b"], both["loads_c"]) == (665, 392, 380, 133), both
+    assert (both["dot_products"], both["loads_a"], both["loads_b"], both["loads_c"]) == (875, 483, 500, 133), both
     assert expected_tile_ops(routes, prob.H, prob.I, prob.r, True)["useful"] == 208.125
 
 

@@ -144,6 +144,26 @@ def test_reference_unused_slots_and_idle_experts():
     assert torch.equal(y, y2)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "nolora"])
+def test_reference_pairs_give_dw_and_its_bound(lora):
+    """h and dh_raw written from MATH.md's formulas give autograd's dw (dw = dh_raw . h), and
+    m = sum |dh_raw| |h| bounds |dw| (0 at -1 slots)."""
+    prob = make_problem(**SLOW_CASES["idle_and_unused"])
+    gy = make_gy(prob)
+    L, s = (prob.lora, prob.scale) if lora else (None, None)
+    args = (prob.x, prob.ids, prob.w, prob.gate, prob.up, prob.down, L, s, gy)
+    _, g = _run_reference(prob, gy, lora)
+    h, dh_raw = ref.moe_reference_pairs(*args)
+    assert h.shape == dh_raw.shape == (prob.T, prob.k, prob.I)
+    dw = (dh_raw * h).sum(-1)
+    assert rel_err(dw, g["w"]) <= 1e-5
+    m = ref.dw_magnitude(*args)
+    unused = prob.ids < 0
+    assert torch.all(m[unused] == 0) and torch.all(m[~unused] > 0)
+    assert torch.all(g["w"].abs() <= m * (1 + 1e-5))
+    assert ref.dw_err(g["w"], g["w"], m) == 0 and ref.dw_err(g["w"] + m, g["w"], m) == pytest.approx(1.0)
+
+
 def test_reference_empty_batch():
     prob = make_problem(E=4, H=16, I=8, k=2, T=0, r=2, seed=0)
     gy = make_gy(prob)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_matches_reference, fwd_bwd, ktf, make_gy, make_lora, make_problem, ref
+from helpers import W_MAGNITUDE, assert_matches_reference, fwd_bwd, ktf, make_gy, make_lora, make_problem, ref
 
 SHAPE = dict(E=5, H=72, I=40, k=3, T=29, r=3, unused_frac=0.2)
 
@@ -58,8 +58,9 @@ def _check(isa, name, seed, *, weights_from=None):
     gy = make_gy(prob)
     y, grads = fwd_bwd(state, prob.x, ids, prob.w, gy)
     y_ref = ref.moe_reference(prob.x, ids, prob.w, gate, up, prob.down, prob.lora, prob.scale, variant, biases)
-    g_ref = ref.moe_reference_grads(prob.x, ids, prob.w, gate, up, prob.down, prob.lora, prob.scale, gy, variant,
-                                    biases)
+    args = (prob.x, ids, prob.w, gate, up, prob.down, prob.lora, prob.scale, gy, variant, biases)
+    g_ref = ref.moe_reference_grads(*args)
+    g_ref[W_MAGNITUDE] = ref.dw_magnitude(*args)
     assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/{name}]")
     if not variant.gated:
         assert torch.all(grads.lora.gate_a == 0) and torch.all(grads.lora.gate_b == 0)
@@ -148,3 +149,40 @@ def test_gelu_flavours_are_told_apart(name):
                                                  variant=K.ExpertVariant(activation=a), biases={"gate": gate_bias}))
             for a in (name, other)}
     assert errs[name] <= 1e-2 and errs[other] > 10 * errs[name], errs
+
+
+def _softcapped(g, u):  # a gate function no epilogue computes (Inkling2's softcapped SwiGLU, caps 3)
+    return 3.0 * torch.tanh(g / 3.0) * torch.sigmoid(g) * 3.0 * torch.tanh(u / 3.0)
+
+
+def test_split_path_matches_reference(isa):
+    """The split path: the kernels' gate/up part (LoRA, biases), a gate function in torch under autograd, the
+    kernels' down part; y, dx, dw and all six LoRA gradients vs the reference with that gate function."""
+    from kt_functional import ops
+
+    K = ktf()
+    prob = make_problem(**SHAPE, seed=600)
+    biases = _biases(prob, True, 600)
+    ids = _with_sentinels(prob.ids, prob.E)
+    weights = K.ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, gate_bias=biases["gate"],
+                                           up_bias=biases["up"], down_bias=biases["down"])
+    state = K.MoEState(weights, make_lora(prob), threads=2, isa=isa)
+    gy = make_gy(prob)
+    gate_up, gate_up_cache = ops.moe_gate_up_forward(state, prob.x, ids, prob.w)
+    assert gate_up.shape == (prob.T, prob.k, 2 * prob.I) and torch.all(gate_up[ids >= prob.E] == 0)
+    gate_up.requires_grad_(True)
+    h = _softcapped(gate_up[..., :prob.I], gate_up[..., prob.I:])
+    y, down_cache = ops.moe_down_forward(state, h.detach(), ids, prob.w)
+    down = ops.moe_down_backward(state, down_cache, gy)
+    h.backward(down.x)
+    gate = ops.moe_gate_up_backward(state, gate_up_cache, gate_up.grad)
+    assert gate.w is None and down_cache.consumed and gate_up_cache.consumed
+    lora = {n: getattr(down.lora if n.startswith("down") else gate.lora, n) for n in prob.lora}
+    grads = ops.Grads(x=gate.x, w=down.w, lora=ops.LoRAGrads(**lora))
+    args = (prob.x, ids, prob.w, prob.gate, prob.up, prob.down, prob.lora, prob.scale, gy, _softcapped, biases)
+    y_ref = ref.moe_reference(*args[:8], _softcapped, biases)
+    g_ref = ref.moe_reference_grads(*args)
+    g_ref[W_MAGNITUDE] = ref.dw_magnitude(*args)
+    assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/split]")
+    with pytest.raises(TypeError, match="cache"):
+        ops.moe_down_backward(state, gate_up_cache, gy)

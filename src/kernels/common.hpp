@@ -42,8 +42,8 @@ void free_bytes(void* p, size_t bytes);
 
 // The per-call workspaces and forward caches of the macro-kernels are recycled instead: faulting
 // in (and zeroing) hundreds of MiB of fresh pages at every call cost as much as the GEMMs. Freed
-// large workspaces stay mapped in a cache of bounded size (KT_WORKSPACE_CACHE_MB, default 1024;
-// 0 turns it off) for the next call; *mapped returns the bytes mapped (free_workspace needs them).
+// large workspaces stay mapped for the next call, in a cache bounded by the most workspace memory
+// the process has had in use at once (or by KT_WORKSPACE_CACHE_MB; 0 turns it off); *mapped returns the bytes mapped (free_workspace needs them).
 void* allocate_workspace(size_t bytes, size_t* mapped);
 void free_workspace(void* p, size_t mapped);
 // Unmaps every cached workspace; returns the bytes given back.

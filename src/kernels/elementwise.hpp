@@ -23,7 +23,10 @@ inline bf16 to_bf16(float f) {
 inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.3f ? 88.3f : x;
-  float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+  // Round to nearest by the 1.5 * 2^23 trick: floorf would be a library call that keeps the
+  // epilogue loops from vectorizing.
+  constexpr float kRound = 12582912.0f;
+  float n = (x * 1.44269504f + kRound) - kRound;
   float r = x - n * 0.693145752f - n * 1.42860677e-6f;
   float p = 1.0f / 720;
   p = p * r + 1.0f / 120;
@@ -126,37 +129,50 @@ inline float reduce_lanes(const float* acc) {
   return s;
 }
 
-// Backward epilogue (GateBackwardFn) of (Act, gated): MATH.md's derivatives on the cached g, u, with
-// the clamps' indicators.
+// One column of gate_backward: MATH.md's derivatives on the cached g, u, with the clamps' indicators;
+// returns dh_raw * h, that column's share of dw.
+template <class Act, bool kGated, bool kKeepH>
+inline float gate_backward_column(const ExpertVariant& v, int64_t c, const float* dh_raw, const bf16* g, const bf16* u,
+                                  float w, bf16* dg, bf16* du, bf16* h) {
+  const float uf = to_f32(u[c]), dh = w * dh_raw[c];
+  float hv, act;
+  if constexpr (kGated) {
+    const float gf = to_f32(g[c]);
+    const float gc = clamp_gate(gf, v.limit), uc = clamp_up(uf, v.limit) + v.up_offset;
+    const float dact = Act::derivative(gc, v.alpha, &act);
+    hv = act * uc;
+    dg[c] = to_bf16(gf <= v.limit ? dh * uc * dact : 0.0f);
+    du[c] = to_bf16(uf >= -v.limit && uf <= v.limit ? dh * act : 0.0f);
+  } else {
+    const float dact = Act::derivative(uf, v.alpha, &act);
+    hv = act;
+    dg[c] = 0;
+    du[c] = to_bf16(dh * dact);
+  }
+  if constexpr (kKeepH) h[c] = to_bf16(hv);
+  return dh_raw[c] * hv;
+}
+
+// Whole kLanes-wide chunks in a fixed-trip inner loop (that is what vectorizes), then the tail.
+template <class Act, bool kGated, bool kKeepH>
+float gate_backward_columns(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n,
+                            float w, bf16* dg, bf16* du, bf16* h) {
+  float acc[kLanes] = {};
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= n; c0 += kLanes)
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
+  for (int l = 0; c0 + l < n; ++l)
+    acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
+  return reduce_lanes(acc);
+}
+
+// Backward epilogue (GateBackwardFn) of (Act, gated).
 template <class Act, bool kGated>
 float gate_backward(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w,
                     bf16* dg, bf16* du, bf16* h) {
-  const float alpha = v.alpha, limit = v.limit, offset = v.up_offset;
-  float acc[kLanes] = {};
-  for (int64_t c0 = 0; c0 < n; c0 += kLanes) {
-    const int64_t len = n - c0 < kLanes ? n - c0 : kLanes;
-    for (int64_t l = 0; l < len; ++l) {
-      const int64_t c = c0 + l;
-      const float uf = to_f32(u[c]), dh = w * dh_raw[c];
-      float hv, act;
-      if (kGated) {
-        const float gf = to_f32(g[c]);
-        const float gc = clamp_gate(gf, limit), uc = clamp_up(uf, limit) + offset;
-        const float dact = Act::derivative(gc, alpha, &act);
-        hv = act * uc;
-        dg[c] = to_bf16(gf <= limit ? dh * uc * dact : 0.0f);
-        du[c] = to_bf16(uf >= -limit && uf <= limit ? dh * act : 0.0f);
-      } else {
-        const float dact = Act::derivative(uf, alpha, &act);
-        hv = act;
-        dg[c] = 0;
-        du[c] = to_bf16(dh * dact);
-      }
-      acc[l] += dh_raw[c] * hv;
-      if (h) h[c] = to_bf16(hv);
-    }
-  }
-  return reduce_lanes(acc);
+  return h ? gate_backward_columns<Act, kGated, true>(v, dh_raw, g, u, n, w, dg, du, h)
+           : gate_backward_columns<Act, kGated, false>(v, dh_raw, g, u, n, w, dg, du, h);
 }
 
 void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,

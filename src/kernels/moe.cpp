@@ -28,29 +28,44 @@ size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 //             project h -> a_d           K=I,  N=r       expand into o     K=r,   N=H
 //   backward: project gy -> b_d          K=H,  N=r       expand into dh    K=r,   N=I
 //             project dg|du -> [c_g|c_u] K=2Ip, N=R+r    expand into dx    K=R+r, N=H
+// fp32 LoRA matrices are carried as two bf16 parts, hi = bf16(v) and lo = bf16(v - hi), so the
+// products use v to ~16 bits (rounding fp32 LoRA to bf16 was the largest error against the fp32
+// reference): a project's operand gets the lo parts as W more columns [W, 2W), an expand's as W
+// more K rows [W, 2W), W = the project's width N rounded to 16, and the expand's A operand holds
+// the coefficients twice. For r <= 8 the down side's expand still takes one AMX K step.
 class LoraPanels {
  public:
   enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
 
   LoraPanels(const LoraView& L, int64_t H, int64_t I, int64_t n_active, bool backward)
-      : L_(L), H_(H), I_(I), r_(L.rank), R_(round_up(L.rank, kPanelCols)), backward_(backward) {
+      : L_(L), H_(H), I_(I), r_(L.rank), R_(round_up(L.rank, kPanelCols)), backward_(backward),
+        split_(L.dtype == DType::f32) {
     const int64_t r = r_, R = R_, Ip = round_up(I, kKAlign);
+    width_[kProjectGateUp] = width_[kExpandGateUp] = round_up(R + r, kPanelCols);
+    width_[kProjectDown] = width_[kExpandDown] = round_up(r, kPanelCols);
+    const int parts = split_ ? 2 : 1;
+    auto project = [&](Which w, int64_t K, int64_t N) { layouts_[w] = PanelLayout(K, split_ ? parts * width_[w] : N); };
+    auto expand = [&](Which w, int64_t K, int64_t N) { layouts_[w] = PanelLayout(split_ ? parts * width_[w] : K, N); };
     if (!backward) {
-      layouts_[kProjectGateUp] = PanelLayout(H, R + r);
-      layouts_[kExpandGateUp] = PanelLayout(R + r, 2 * round_up(I, kPanelCols));
-      layouts_[kProjectDown] = PanelLayout(I, r);
-      layouts_[kExpandDown] = PanelLayout(r, H);
+      project(kProjectGateUp, H, R + r);
+      expand(kExpandGateUp, R + r, 2 * round_up(I, kPanelCols));
+      project(kProjectDown, I, r);
+      expand(kExpandDown, r, H);
     } else {  // "gate_up" = the dx side, "down" = the dh side
-      layouts_[kProjectGateUp] = PanelLayout(2 * Ip, R + r);
-      layouts_[kExpandGateUp] = PanelLayout(R + r, H);
-      layouts_[kProjectDown] = PanelLayout(H, r);
-      layouts_[kExpandDown] = PanelLayout(r, I);
+      project(kProjectGateUp, 2 * Ip, R + r);
+      expand(kExpandGateUp, R + r, H);
+      project(kProjectDown, H, r);
+      expand(kExpandDown, r, I);
     }
     for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
     data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active), Memory::workspace);
   }
 
+  int64_t rank() const { return r_; }
   int64_t rank_slot() const { return R_; }  // up's first rank component in shared operands
+  // Columns of a project's result (= K rows of its expand) before the lo part; whether there is one.
+  int64_t width(Which w) const { return width_[w]; }
+  bool split() const { return split_; }
   const PanelLayout& layout(Which w) const { return layouts_[w]; }
   const bf16* get(int64_t slot, Which w) const { return data_.data() + slot * offset_[kCount] + offset_[w]; }
 
@@ -67,6 +82,11 @@ class LoraPanels {
                     int64_t panel_step) {
       const PanelLayout& l = layouts_[w];
       pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride());
+      if (!split_) return;
+      const bool is_project = w == kProjectGateUp || w == kProjectDown;
+      const int64_t lo_k = is_project ? k_offset : k_offset + width_[w];
+      const int64_t lo_panel = is_project ? first_panel + width_[w] / kPanelCols : first_panel;
+      pack_panels(m, K, N, l.Kp, lo_k, panel_step, base + offset_[w] + lo_panel * l.panel_stride(), PackPart::low);
     };
     const int64_t up_panel = R / kPanelCols;
     if (!backward_) {
@@ -90,35 +110,42 @@ class LoraPanels {
  private:
   LoraView L_;
   int64_t H_, I_, r_, R_;
-  bool backward_;
+  bool backward_, split_;
+  int64_t width_[kCount] = {};
   PanelLayout layouts_[kCount];
   int64_t offset_[kCount + 1] = {};
   Buffer<bf16> data_;
 };
 
-// Rank-r results of a LoRA project for the rows of a block: C [rows][16*np] fp32 (GEMM output,
-// ldc) -> fp32 copies of the columns [c0, c0 + r) into dst0 and [c1, c1 + r) into dst1 (when not
-// null) for the real rows, and the expand's A operand: coef = bf16(scale * C) for all rows, K padded.
-void split_projection(const float* C, int64_t ldc, int64_t rows, int64_t real, int64_t ncols, int64_t r, float* dst0,
-                      float* dst1, int64_t R, float scale, bf16* coef, int64_t ldcoef) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* c = C + i * ldc;
-    if (i < real) {
-      std::memcpy(dst0 + i * r, c, r * sizeof(float));
-      if (dst1) std::memcpy(dst1 + i * r, c + R, r * sizeof(float));
-    }
-    bf16* k = coef + i * ldcoef;
-    for (int64_t j = 0; j < ncols; ++j) k[j] = f32_to_bf16(scale * c[j]);
-    std::fill(k + ncols, k + ldcoef, bf16(0));
-  }
+LoraPanels::Which expand_of(LoraPanels::Which project) {
+  return project == LoraPanels::kProjectGateUp ? LoraPanels::kExpandGateUp : LoraPanels::kExpandDown;
 }
 
-// The project of a row block: C [rows][16 * panels] = A [rows][K] x the project operand.
+// The project of a row block: C = A [rows][K] x the project operand (scratch), then, per row, the
+// rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns [R, R + r),
+// when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for all rows
+// into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding.
 void lora_project(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPanels::Which which, const bf16* A,
-                  int64_t lda, int64_t rows, float* C) {
+                  int64_t lda, int64_t rows, int64_t real, float* scratch, float* dst0, float* dst1, float scale,
+                  bf16* coef) {
   const PanelLayout& l = lp.layout(which);
-  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), C, kPanelCols * l.panels,
-          false);
+  const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
+  const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
+  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* v = scratch + i * ldc;
+    if (lp.split())
+      for (int64_t j = 0; j < width; ++j) v[j] += v[width + j];
+    if (i < real) {
+      std::memcpy(dst0 + i * r, v, r * sizeof(float));
+      if (dst1) std::memcpy(dst1 + i * r, v + R, r * sizeof(float));
+    }
+    bf16* k = coef + i * ldcoef;
+    for (int64_t j = 0; j < width; ++j) k[j] = f32_to_bf16(scale * v[j]);
+    int64_t used = width;
+    if (lp.split()) std::memcpy(k + width, k, width * sizeof(bf16)), used += width;
+    std::fill(k + used, k + ldcoef, bf16(0));
+  }
 }
 
 // The expand of a row block: C [rows][16 * np] += coef [rows][Kp] x panels [p0, p0 + np) of the operand.
@@ -324,12 +351,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
-        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectGateUp).panels;
         lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.xa.data() + b.prow * Hp, Hp, b.rows,
-                     scratch);
-        const int64_t ldk = lp.layout(LoraPanels::kExpandGateUp).Kp;
-        split_projection(scratch, ncols, b.rows, b.real, ncols, r, c.ag.data() + b.route0 * r,
-                         c.au.data() + b.route0 * r, lp.rank_slot(), s, w.coef_gu.data() + b.prow * ldk, ldk);
+                     b.real, scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
+                     w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
 
     // 3. Gate and up (+ s Bg a_g, s Bu a_u, + biases), then h = the variant's act(g) * u (or act(u))
@@ -343,7 +367,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, nullptr);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, B, L, int(2 * pairs), scratch, kColBlock);
-        if (lora)  // + s Bg a_g, s Bu a_u: one more K step (r <= 16) on the same tiles
+        if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
                       w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, 2 * j0,
                       int(2 * pairs), scratch, kColBlock);
@@ -381,12 +405,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
-        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectDown).panels;
         lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.ha.data() + b.prow * Ip, Ip, b.rows,
-                     scratch);
-        const int64_t ldk = lp.layout(LoraPanels::kExpandDown).Kp;
-        split_projection(scratch, ncols, b.rows, b.real, ncols, r, c.ad.data() + b.route0 * r, nullptr, 0, s,
-                         w.coef_d.data() + b.prow * ldk, ldk);
+                     b.real, scratch, c.ad.data() + b.route0 * r, nullptr, s,
+                     w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
 
     // 5. Down (+ s Bd a_d, + bias): one unweighted output row per route; tasks as in 3.
@@ -539,12 +560,9 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
-        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectDown).panels;
         lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.gy.data() + b.prow * Hp, Hp, b.rows,
-                     scratch);
-        const int64_t ldk = lp.layout(LoraPanels::kExpandDown).Kp;
-        split_projection(scratch, ncols, b.rows, b.real, ncols, r, w.bd.data() + b.route0 * r, nullptr, 0, s,
-                         w.coef_bd.data() + b.prow * ldk, ldk);
+                     b.real, scratch, w.bd.data() + b.route0 * r, nullptr, s,
+                     w.coef_bd.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
 
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
@@ -590,12 +608,9 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
-        const int64_t ncols = kPanelCols * lp.layout(LoraPanels::kProjectGateUp).panels;
         lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.dgu.data() + b.prow * ldd, ldd, b.rows,
-                     scratch);
-        const int64_t ldk = lp.layout(LoraPanels::kExpandGateUp).Kp;
-        split_projection(scratch, ncols, b.rows, b.real, ncols, r, w.cg.data() + b.route0 * r,
-                         w.cu.data() + b.route0 * r, lp.rank_slot(), s, w.coef_cgu.data() + b.prow * ldk, ldk);
+                     b.real, scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
+                     w.coef_cgu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
 
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.

@@ -1,18 +1,26 @@
 #include "pack.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "pool.hpp"
 
 namespace kt {
 namespace {
 
-inline bf16 to_packed(float v) { return f32_to_bf16(v); }
-inline bf16 to_packed(bf16 v) { return v; }  // bf16 sources are copied bit for bit
+template <PackPart P>
+inline bf16 to_packed(float v) {
+  const bf16 high = f32_to_bf16(v);
+  return P == PackPart::high ? high : f32_to_bf16(v - bf16_to_f32(high));
+}
+template <PackPart P>
+inline bf16 to_packed(bf16 v) {  // bf16 sources are copied bit for bit (they have no low part)
+  return P == PackPart::high ? v : bf16(0);
+}
 
 using word = uint32_t __attribute__((may_alias));  // a (k, k+1) pair of a panel row
 
-template <class T>
+template <PackPart P, class T>
 void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
                 int64_t panel_step, bf16* dst) {
   const int64_t panel_stride = Kp * kPanelCols;
@@ -22,14 +30,14 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
     const T* ps = src + j * kPanelCols * sn;
     auto single_row = [&](int64_t k) {  // a row without its pair partner in this matrix
       const int64_t kk = k + k_offset;
-      for (int64_t n = 0; n < cols; ++n) pd[(kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1)] = to_packed(ps[k * sk + n * sn]);
+      for (int64_t n = 0; n < cols; ++n) pd[(kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1)] = to_packed<P>(ps[k * sk + n * sn]);
     };
     int64_t k0 = 0, k1 = K;
     if (k_offset & 1) single_row(k0++);
     if ((k1 - k0) & 1) single_row(--k1);
     // Two source rows make one panel row of (k, k+1) words; walk the source in its contiguous direction.
     auto pair = [&](int64_t k, int64_t n) {
-      return uint32_t(to_packed(ps[k * sk + n * sn])) | uint32_t(to_packed(ps[(k + 1) * sk + n * sn])) << 16;
+      return uint32_t(to_packed<P>(ps[k * sk + n * sn])) | uint32_t(to_packed<P>(ps[(k + 1) * sk + n * sn])) << 16;
     };
     word* rows = reinterpret_cast<word*>(pd) + ((k0 + k_offset) >> 1) * kPanelCols;
     if (sn == 1) {
@@ -45,11 +53,18 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
 }  // namespace
 
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
-                 bf16* dst) {
-  if (src.dtype == DType::f32)
-    pack_typed(static_cast<const float*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+                 bf16* dst, PackPart part) {
+  auto pack = [&](auto p) {
+    constexpr PackPart P = decltype(p)::value;
+    if (src.dtype == DType::f32)
+      pack_typed<P>(static_cast<const float*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+    else
+      pack_typed<P>(static_cast<const bf16*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+  };
+  if (part == PackPart::high)
+    pack(std::integral_constant<PackPart, PackPart::high>{});
   else
-    pack_typed(static_cast<const bf16*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+    pack(std::integral_constant<PackPart, PackPart::low>{});
 }
 
 void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,

@@ -3,6 +3,8 @@
 #include <immintrin.h>
 
 #include <map>
+#include <stdexcept>
+#include <string>
 
 namespace kt {
 
@@ -36,11 +38,24 @@ void Job::finish() {
 }
 
 Pool::Pool(int nthreads) {
+  if (nthreads < 1)
+    throw std::invalid_argument("threads: expected >= 1 worker threads, got " + std::to_string(nthreads));
   workers_.reserve(nthreads);
-  for (int i = 0; i < nthreads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  try {
+    for (int i = 0; i < nthreads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  } catch (const std::exception& e) {
+    // A vector of joinable threads must not be destroyed (std::terminate): stop those made.
+    const size_t started = workers_.size();
+    stop_and_join();
+    throw std::runtime_error("threads: could not start worker thread " + std::to_string(started + 1) + " of the " +
+                             std::to_string(nthreads) + " asked (" + e.what() + "); the " + std::to_string(started) +
+                             " already started were stopped");
+  }
 }
 
-Pool::~Pool() {
+Pool::~Pool() { stop_and_join(); }
+
+void Pool::stop_and_join() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
@@ -59,6 +74,8 @@ void Pool::submit(std::shared_ptr<Job> job) {
 void Pool::start_next_locked() {
   if (queue_.empty()) {
     current_.reset();
+    // Workers that finished their share early wait for (stopping_ && !current_): wake them.
+    if (stopping_) cv_.notify_all();
     return;
   }
   current_ = std::move(queue_.front());

@@ -77,7 +77,10 @@ class Job {
 
 class Pool {
  public:
+  // Throws std::invalid_argument for nthreads < 1, std::runtime_error when the OS refuses a
+  // thread (the threads already started are stopped and joined first).
   explicit Pool(int nthreads);
+  // Runs every job submitted so far to its end, then joins the workers.
   ~Pool();
   Pool(const Pool&) = delete;
   Pool& operator=(const Pool&) = delete;
@@ -94,6 +97,7 @@ class Pool {
  private:
   void worker_loop(int tid);
   void start_next_locked();
+  void stop_and_join();
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable cv_;

@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Thin bindings over src/kernels: ownership of C++ objects, GIL release, error mapping.
 
-No math and no argument checking beyond what C++ does; kt_functional validates inputs and
-passes raw data pointers of tensors it keeps alive for as long as a job runs.
+No math; kt_functional validates inputs and passes raw data pointers of tensors it keeps alive
+for as long as a job runs. Here only what would crash is checked: no None for an object argument,
+tuples of the right length, no use of an empty handle.
 """
 from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libcpp.memory cimport make_shared, shared_ptr
@@ -39,14 +40,14 @@ cdef kt.Isa _isa(str name) except *:
 
 
 def release_workspaces():
-    """Unmaps the cached per-call workspaces (kept for reuse, bounded by KT_WORKSPACE_CACHE_MB); returns the bytes."""
+    """Unmaps the cached per-call workspaces (kept for reuse, bounded by the peak in use at once or KT_WORKSPACE_CACHE_MB); returns the bytes."""
     cdef size_t n
     with nogil:
         n = kt.release_workspaces()
     return n
 
 
-def kernel_peak(str isa, int threads, double seconds=1.0):
+def kernel_peak(str isa not None, int threads, double seconds=1.0):
     """GFLOP/s of the micro-kernel of `isa` in a tight L1-resident loop on `threads` workers."""
     cdef kt.Isa i = _isa(isa)
     cdef double gflops
@@ -62,14 +63,22 @@ cdef class Pool:
     def __cinit__(self, int threads):
         self.ptr = kt.shared_pool(threads)
 
+    def __dealloc__(self):
+        # The last user of a pool joins its workers after the submitted jobs end: without the GIL,
+        # so that other Python threads run meanwhile.
+        with nogil:
+            self.ptr.reset()
+
     @property
     def threads(self):
         return self.ptr.get().threads()
 
 
-cdef kt.Tensor3 _tensor3(tuple spec):
+cdef kt.Tensor3 _tensor3(tuple spec) except *:
     # spec = (data pointer, dtype code, (stride0, stride1, stride2)) of an [E][rows][cols] tensor
     cdef kt.Tensor3 t
+    if len(spec) != 3 or len(spec[2]) != 3:
+        raise ValueError(f"expected (data pointer, dtype code, 3 strides), got {spec!r}")
     t.data = <const void*><uintptr_t>spec[0]
     t.dtype = <kt.DType><int>spec[1]
     for i in range(3):
@@ -82,8 +91,8 @@ cdef class PackedExperts:
     transposed from them per block, or kept transposed when backward_resident)."""
     cdef shared_ptr[const kt.PackedExperts] ptr
 
-    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate, tuple up, tuple down, Pool pool,
-                  bint backward_resident=False):
+    def __cinit__(self, int64_t E, int64_t H, int64_t I, tuple gate not None, tuple up not None,
+                  tuple down not None, Pool pool not None, bint backward_resident=False):
         cdef kt.ExpertSource src
         src.gate = _tensor3(gate)
         src.up = _tensor3(up)
@@ -130,25 +139,31 @@ def set_amx_emulator_math(bint on):
     kt.set_emulator_math(on)
 
 
-def amx_emulated_tile_dot(uintptr_t c, uintptr_t a, uintptr_t b, tuple shape, bint configure=True):
+def amx_emulated_tile_dot(uintptr_t c, uintptr_t a, uintptr_t b, tuple shape not None, bint configure=True):
     """Test hook: one TDPBF16PS on the emulated tile unit (see amx_emulator.hpp); RuntimeError on a fault."""
     cdef int s[6]
+    if len(shape) != 6:
+        raise ValueError(f"shape: expected 6 ints, got {shape!r}")
     for i in range(6):
         s[i] = shape[i]
     kt.emulated_tile_dot(<float*>c, <const uint16_t*>a, <const uint16_t*>b, s, configure)
 
 
+CACHE_CONSUMED = "cache: already consumed by a moe_backward; each forward's cache can be used once"
+
+
 cdef class ForwardCache:
-    """Handle to the residuals of one forward call (owned by C++, freed with this object)."""
+    """Handle to the residuals of one forward call (owned by C++): submit_backward takes them out
+    (the backward job frees them when done); otherwise they are freed with this object."""
     cdef shared_ptr[kt.ForwardCache] ptr
 
     @property
-    def nbytes(self):
-        return self.ptr.get().nbytes()
+    def consumed(self):
+        return not self.ptr
 
     @property
-    def rank(self):
-        return self.ptr.get().rank
+    def nbytes(self):
+        return self.ptr.get().nbytes() if self.ptr else 0
 
 
 cdef class Job:
@@ -156,18 +171,24 @@ cdef class Job:
     cdef shared_ptr[kt.Job] ptr
 
     def wait(self):
+        if not self.ptr:
+            raise ValueError("job: an empty handle (made by submit_forward / submit_backward only)")
         with nogil:
             self.ptr.get().wait()
 
     def done(self):
+        if not self.ptr:
+            raise ValueError("job: an empty handle (made by submit_forward / submit_backward only)")
         return self.ptr.get().done()
 
 
-cdef kt.LoraView _lora(object lora):
+cdef kt.LoraView _lora(object lora) except *:
     # lora = None or (gate_a, gate_b, up_a, up_b, down_a, down_b pointers, dtype code, rank, scale)
     cdef kt.LoraView v
     if lora is None:
         return v
+    if len(lora) != 9:
+        raise ValueError(f"lora: expected None or (6 pointers, dtype code, rank, scale), got {lora!r}")
     v.gate_a = <const void*><uintptr_t>lora[0]
     v.gate_b = <const void*><uintptr_t>lora[1]
     v.up_a = <const void*><uintptr_t>lora[2]
@@ -180,9 +201,12 @@ cdef kt.LoraView _lora(object lora):
     return v
 
 
-cdef kt.ExpertVariant _variant(tuple v):
-    # v = (gated, activation code, alpha, limit, up_offset, gate_bias, up_bias, down_bias pointers or 0)
+cdef kt.ExpertVariant _variant(object v) except *:
+    # v = None (SwiGLU, no biases) or (gated, activation code, alpha, limit, up_offset, gate_bias, up_bias,
+    # down_bias pointers or 0)
     cdef kt.ExpertVariant out
+    if v is None:
+        return out
     out.gated = v[0]
     out.activation = <kt.Activation><int>v[1]
     out.alpha = v[2]
@@ -194,9 +218,9 @@ cdef kt.ExpertVariant _variant(tuple v):
     return out
 
 
-def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintptr_t ids, uintptr_t w,
-                   int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, tuple variant,
-                   bint save_for_backward, int part=0, uintptr_t gate_up_out=0, uintptr_t h_in=0):
+def submit_forward(Pool pool not None, PackedExperts weights not None, str isa not None, uintptr_t x, uintptr_t ids,
+                   uintptr_t w, int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward,
+                   object variant=None, int part=0, uintptr_t gate_up_out=0, uintptr_t h_in=0):
     """Plans and submits one forward (part 0: the whole layer; 1: gate/up written to gate_up_out; 2: down
     from h_in); returns (Job, ForwardCache or None)."""
     cdef kt.ForwardArgs a
@@ -227,11 +251,17 @@ def submit_forward(Pool pool, PackedExperts weights, str isa, uintptr_t x, uintp
     return job, handle
 
 
-def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cache, uintptr_t gy, uintptr_t dx,
-                    int dx_dtype, uintptr_t dw, object lora, tuple variant, tuple lora_grads, uintptr_t dh_out=0,
-                    uintptr_t dgu_in=0):
-    """Submits one backward over a forward's cache (of the down part: dh to dh_out; of the gate_up part: from
-    dgu_in); returns the Job."""
+def submit_backward(Pool pool not None, PackedExperts weights not None, str isa not None,
+                    ForwardCache cache not None, uintptr_t gy, uintptr_t dx, int dx_dtype, uintptr_t dw, object lora,
+                    tuple lora_grads not None, object variant=None, uintptr_t dh_out=0, uintptr_t dgu_in=0):
+    """Consumes the cache and submits one backward over it (of the down part: dh to dh_out; of the gate_up
+    part: from dgu_in); returns the Job.
+
+    ValueError(CACHE_CONSUMED) if the cache was consumed already; if the job cannot be made or
+    submitted (invalid arguments, no memory) the cache is left unconsumed.
+    """
+    if len(lora_grads) != 6:
+        raise ValueError(f"lora_grads: expected 6 pointers, got {lora_grads!r}")
     cdef kt.BackwardArgs a
     a.gy = <const void*>gy
     a.dx = <void*>dx
@@ -250,8 +280,17 @@ def submit_backward(Pool pool, PackedExperts weights, str isa, ForwardCache cach
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef Job job = Job.__new__(Job)
     cdef kt.Pool* p = pool.ptr.get()
-    cdef shared_ptr[const kt.ForwardCache] c = <shared_ptr[const kt.ForwardCache]>cache.ptr
-    with nogil:
-        job.ptr = kt.make_backward_job(weights.ptr, ks[0], p.threads(), c, a)
-        p.submit(job.ptr)
+    cdef shared_ptr[kt.ForwardCache] c = cache.ptr
+    # The check and the take run under the GIL with no Python call in between, so of two
+    # threads handing in the same cache exactly one gets the residuals.
+    if not c:
+        raise ValueError(CACHE_CONSUMED)
+    cache.ptr.reset()
+    try:
+        with nogil:
+            job.ptr = kt.make_backward_job(weights.ptr, ks[0], p.threads(), <shared_ptr[const kt.ForwardCache]>c, a)
+            p.submit(job.ptr)
+    except BaseException:  # nothing was submitted: the cache stays usable
+        cache.ptr = c
+        raise
     return job

@@ -65,7 +65,7 @@ cdef extern from "pool.hpp" namespace "kt":
 
     cdef cppclass Pool:
         int threads() nogil
-        void submit(shared_ptr[Job]) nogil
+        void submit(shared_ptr[Job]) except + nogil
 
     shared_ptr[Pool] shared_pool "kt::Pool::shared"(int) except +
 
