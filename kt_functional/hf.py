@@ -71,7 +71,7 @@ _PROPERTIES = {  # property -> (the decorator's default, values kt-functional su
     "is_concatenated": (True, (True, False)),
     "has_post_expert_norm": (False, (False,)),
 }
-_GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
+_ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,12 @@ class ExpertsLayout:
         return out
 
 
-def _property(name: str, module: nn.Module, prop: str):
+def _check_property(name: str, module: nn.Module, prop: str) -> None:
     default, supported = _PROPERTIES[prop]
     value = getattr(module, prop, default)
     if value not in supported:
         raise ValueError(f"model: experts module {name} ({type(module).__name__}) has {prop}={value!r}; "
                          f"kt-functional supports {prop} in {list(supported)}")
-    return value
 
 
 def _probe(n: int, spread: float, seed: int = 0) -> torch.Tensor:
@@ -174,7 +173,7 @@ def _activation_of(act_fn) -> str | None:
             out = act_fn(z.clone())
         except Exception:  # e.g. a two-argument activation module: not a plain activation
             return None
-    for name in _GATED_ACTIVATIONS:
+    for name in _ACTIVATION_NAMES:
         if _same(out, _ACTIVATIONS[name](z, None)):
             return name
     return None
@@ -248,7 +247,7 @@ def experts_support(name: str, module: nn.Module) -> tuple[ExpertsLayout, Expert
     do not compute its gate function, which then runs in torch between two kernel calls (the split path).
     ValueError naming the module, the property and the supported values when the kernels cannot run it."""
     for prop in _PROPERTIES:
-        _property(name, module, prop)
+        _check_property(name, module, prop)
     layout = ExpertsLayout(*(bool(getattr(module, p, _PROPERTIES[p][0]))
                              for p in ("has_gate", "has_bias", "is_transposed", "is_concatenated")))
     params = dict(module.named_parameters(recurse=False))
