@@ -12,6 +12,7 @@ the LoRA as a PEFT adapter), it deep-copies and pickles, and unpatch_model gives
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -21,8 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import distributed
 from .state import _LORA_NAMES, ExpertVariant, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
@@ -399,13 +402,23 @@ def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager", bf
 
 def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, threads: int | None = None, *,
                 checkpoint: str | os.PathLike | None = None, lora_dtype: torch.dtype = torch.float32,
-                isa: str | None = None, freeze_base: bool = True, seed: int = 0) -> nn.Module:
+                isa: str | None = None, freeze_base: bool = True, seed: int = 0, partitions: int = 1,
+                numa: bool = False, owner_rank: int | None = None,
+                lora_grad_reduction: str = "sum", timeout: datetime.timedelta | None = None) -> nn.Module:
     """Moves the routed experts of every MoE block into kt-functional; returns the model.
 
     The torch expert weights are packed and then freed. With checkpoint=, the packed weights are
     read from that safetensors checkpoint instead (the model's own expert weights may then be
     empty, e.g. on the meta device). lora_rank=None patches without LoRA. freeze_base=True leaves
     only the LoRA parameters trainable (set requires_grad on a router to train it too).
+    partitions / numa: pack every layer's experts in partitions / per NUMA node (ExpertWeights.from_tensors).
+
+    owner_rank=r with torch.distributed initialised with more than one rank (collective: every rank
+    calls it): rank r alone holds the packed experts and their LoRA; every rank's MoE blocks send
+    their tokens to it (kt_functional.distributed). The owner's LoRA gradients cover every rank's
+    tokens: summed (lora_grad_reduction="sum") or divided by the number of ranks ("mean", as DDP
+    averages the other gradients). timeout: how long a rank waits for the others (default: the
+    default process group's). Without torch.distributed (or with one rank) owner_rank changes nothing.
     """
     experts = _experts_modules(model)
     support = {name: experts_support(name, module) for name, module in experts}
@@ -416,8 +429,19 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
                                  "checkpoint (load_experts) reads SwiGLU experts in the standard layout only")
     threads = resolve_threads(threads)
     check_lora_options(lora_rank, lora_alpha)
-    if checkpoint is not None:
-        packed = dict(load_experts(checkpoint, threads=threads))
+    distributed.check_lora_grad_reduction(lora_grad_reduction)
+    if owner_rank is not None and (isinstance(owner_rank, bool) or not isinstance(owner_rank, int) or owner_rank < 0):
+        raise TypeError(f"owner_rank: expected a rank (an int >= 0) or None, got {owner_rank!r}")
+    group = None
+    if owner_rank is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
+    remote = group is not None and not group.is_owner
+    split = [name for name, (_, variant) in support.items() if variant is None]
+    if group is not None and split:
+        raise ValueError(f"owner_rank: {split[0]} runs its own gate function in torch (the split path), which "
+                         "runs in one process only; patch without owner_rank")
+    if checkpoint is not None and not remote:
+        packed = dict(load_experts(checkpoint, threads=threads, partitions=partitions, numa=numa))
         wanted = {_layer_index(name) for name, _ in experts}
         missing = sorted(wanted - packed.keys())
         if missing:
@@ -433,19 +457,30 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
         layer = _layer_index(name)
         layout, variant = support[name]
         params = {n: getattr(module, n) for n in layout.names}
-        if checkpoint is not None:
+        up = layout.split(params)["up"]
+        expected = (up.shape[0], up.shape[2], up.shape[1])
+        if remote:
+            weights = None
+        elif checkpoint is not None:
             weights = packed.pop(layer)
         else:
             if any(p.is_meta for p in params.values()):
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
             kernel_variant = variant or ExpertVariant(gated=layout.has_gate)  # split path: no epilogue runs
-            weights = _pack(layout.split(params), kernel_variant, threads)
-        dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
-        up = layout.split(params)["up"]
-        expected = (up.shape[0], up.shape[2], up.shape[1])
-        if dims != expected:
-            raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects {expected}")
-        kt = KTExperts(weights, lora_rank, lora_alpha, threads, isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+            weights = _pack(layout.split(params), kernel_variant, threads, partitions, numa)
+        if weights is not None:
+            dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
+            if dims != expected:
+                raise ValueError(f"checkpoint: layer {layer} experts have (E, H, I) = {dims}, the model expects "
+                                 f"{expected}")
+        kt_args = (weights, lora_rank, lora_alpha, threads)
+        kt_kwargs = dict(isa=isa, lora_dtype=lora_dtype, seed=seed + layer)
+        if group is None:
+            kt = KTExperts(*kt_args, **kt_kwargs)
+        elif remote:
+            kt = distributed.RemoteExperts(group, *expected)
+        else:
+            kt = distributed.OwnerExperts(group, *kt_args, lora_grad_reduction=lora_grad_reduction, **kt_kwargs)
         kt.peft_param_order = [p for p in module._parameters if p in layout.names[:2]]
         kt.experts_layout = layout
         if variant is None:
@@ -462,8 +497,15 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, kt)
             holder = kt
-        holder.register_state_dict_post_hook(_experts_state_dict_hook)
-        holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+        if not remote:  # a non-owner rank has no base weights to save or load
+            holder.register_state_dict_post_hook(_experts_state_dict_hook)
+            holder.register_load_state_dict_pre_hook(_experts_load_state_dict_hook)
+    if group is not None and group.is_owner:
+        # The LoRA lives on the owner only: DDP over the other parameters must not wait for it.
+        from torch.nn.parallel import DistributedDataParallel
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, distributed.OwnerExperts)
+                    for p, _ in m.named_parameters(recurse=False)])
     if hasattr(type(model), "save_pretrained"):
         model.save_pretrained = _SavePretrained(model)
     return model
@@ -482,10 +524,12 @@ def _kt_of(module: nn.Module) -> KTExperts:
     return module if isinstance(module, KTExperts) else module.kt_experts
 
 
-def _pack(tensors: dict, variant: ExpertVariant, threads: int | None) -> ExpertWeights:
+def _pack(tensors: dict, variant: ExpertVariant, threads: int | None, partitions: int = 1,
+          numa: bool = False) -> ExpertWeights:
     """ExpertWeights from ExpertsLayout.split's views (strided: packed straight from the module's storage)."""
     return ExpertWeights.from_tensors(tensors["gate"], tensors["up"], tensors["down"], threads=threads,
-                                      variant=variant, gate_bias=tensors["gate_bias"], up_bias=tensors["up_bias"],
+                                      partitions=partitions, numa=numa, variant=variant,
+                                      gate_bias=tensors["gate_bias"], up_bias=tensors["up_bias"],
                                       down_bias=tensors["down_bias"])
 
 
@@ -528,7 +572,8 @@ def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, st
     if len(found) < len(names):
         raise ValueError(f"state_dict: {prefix}{next(iter(found))} without {prefix}"
                          f"{next(n for n in names if n not in found)}; the experts need {list(names)}")
-    kt.set_weights(_pack(_layout_of(kt).split(found), kt.weights.variant, kt._state.threads))
+    kt.set_weights(_pack(_layout_of(kt).split(found), kt.weights.variant, kt._state.threads, kt.weights.partitions,
+                         kt.weights.numa))
 
 
 def _check_experts_implementation(module, args) -> None:
@@ -565,13 +610,18 @@ class _SavePretrained:
 
     def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
         model = self.model
+        group = distributed.group_of(model)
+        if group is not None and not group.is_owner:
+            raise RuntimeError(f"save_pretrained: rank {group.rank} does not hold the experts (rank {group.owner} "
+                               "owns them): call save_pretrained on the owner rank; hf.save_adapter(model, directory) "
+                               "on every rank writes the adapter")
         if state_dict is None:
             state_dict = model.state_dict()
         lora_keys = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, KTExperts)
                      for p, _ in m.named_parameters(recurse=False)}
         state_dict = {k: v for k, v in state_dict.items() if k not in lora_keys}
         if is_main_process and any(kt.lora_rank for _, kt in kt_layers(model)):
-            save_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
+            _write_adapter(model, os.path.join(save_directory, ADAPTER_SUBDIR))  # first: push_to_hub uploads it too
         return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
                                            state_dict=state_dict, **kwargs)
 
@@ -596,6 +646,9 @@ def unpatch_model(model: nn.Module, merge_lora: bool = False) -> nn.Module:
     """
     if not isinstance(merge_lora, bool):
         raise TypeError(f"merge_lora: expected a bool, got {merge_lora!r}")
+    if distributed.group_of(model) is not None:
+        raise ValueError("model: it was patched with owner_rank (its experts live on one rank); unpatch_model "
+                         "restores a single-process patched model only")
     layers = kt_layers(model)
     if not layers:
         raise ValueError("model: it has no kt-functional experts; nothing to unpatch")
@@ -667,13 +720,14 @@ def _read_safetensors(path: str, keys: list[str]) -> Iterator[tuple[str, torch.T
             yield key, t
 
 
-def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+def load_experts(checkpoint_dir, *, threads: int | None = None, partitions: int = 1,
+                 numa: bool = False) -> Iterator[tuple[int, ExpertWeights]]:
     """Yields (layer index, packed ExpertWeights) for each MoE layer of a safetensors checkpoint.
 
     Reads one layer at a time (sharded + indexed or single file; v5 fused `gate_up_proj` /
     `down_proj` keys or per-expert `experts.N.{gate,up,down}_proj.weight` / Mixtral's w1/w3/w2),
     packs it, and drops the torch copy before the next layer: peak memory is the packed size
-    plus one layer.
+    plus one layer. partitions / numa: see ExpertWeights.from_tensors.
     """
     layers: dict[int, dict] = defaultdict(lambda: {"fused": {}, "experts": {}})
     for file, keys in _checkpoint_files(checkpoint_dir).items():
@@ -697,7 +751,8 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
         fused, per_expert = layers[layer]["fused"], layers[layer]["experts"]
         if len(fused) == 2:
             t = dict(read(list(fused.values())))
-            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads)
+            weights = ExpertWeights.from_fused(t[fused["gate_up_proj"][1]], t[fused["down_proj"][1]], threads=threads,
+                                               partitions=partitions, numa=numa)
         else:
             num_experts = 1 + max(e for e, _ in per_expert)
             missing = [(e, p) for e in range(num_experts) for p in ("gate", "up", "down") if (e, p) not in per_expert]
@@ -711,7 +766,8 @@ def load_experts(checkpoint_dir, *, threads: int | None = None) -> Iterator[tupl
                     stacked[proj] = torch.empty((num_experts, *t.shape), dtype=t.dtype)
                 stacked[proj][e].copy_(t)
                 del t
-            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads)
+            weights = ExpertWeights.from_tensors(stacked["gate"], stacked["up"], stacked["down"], threads=threads,
+                                                 partitions=partitions, numa=numa)
         t = stacked = None  # the torch copy of the layer
         _release_freed_memory()
         yield layer, weights
@@ -765,8 +821,17 @@ def save_adapter(model: nn.Module, save_directory) -> None:
     """Writes the experts' LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors).
 
     peft.PeftModel.from_pretrained(unpatched_model, save_directory) then computes what the patched
-    model computes.
+    model computes. A model patched with owner_rank: every rank calls it (collective); the owner
+    writes the adapter (the same file a single process writes) and every rank returns once it is written.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _write_adapter(model, save_directory)
+    else:
+        group.run_on_owner(lambda: _write_adapter(model, save_directory))
+
+
+def _write_adapter(model: nn.Module, save_directory) -> None:
     from safetensors.torch import save_file
 
     layers = _patched_layers(model)
@@ -855,8 +920,18 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     """Loads a PEFT LoRA adapter on the v5 expert parameters (e.g. one save_adapter wrote) into a patched model.
 
     The KTExperts' LoRA parameters are replaced (their rank follows the adapter): build the
-    optimizer after loading. Returns the model.
+    optimizer after loading. Returns the model. A model patched with owner_rank: every rank calls it
+    (collective); the owner reads the adapter and every rank returns once it is loaded.
     """
+    group = distributed.group_of(model)
+    if group is None:
+        _read_adapter(model, adapter_directory)
+    else:
+        group.run_on_owner(lambda: _read_adapter(model, adapter_directory))
+    return model
+
+
+def _read_adapter(model: nn.Module, adapter_directory) -> None:
     from safetensors.torch import load_file
 
     layers = kt_layers(model)
@@ -911,7 +986,6 @@ def load_adapter(model: nn.Module, adapter_directory) -> nn.Module:
     for kt, tensors, alpha in loaded:  # all layers validated before any is changed
         dtype = kt.gate_a.dtype if kt.lora_rank else torch.float32
         kt.set_lora({n: t.to(dtype) for n, t in tensors.items()}, alpha)
-    return model
 
 
 __all__ = ["patch_model", "unpatch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin",

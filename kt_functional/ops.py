@@ -10,6 +10,7 @@ on x's device, and the LoRA gradients as fp32 CPU tensors.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from . import _core
 from ._convert import (DTYPE_CODE, FLOAT_DTYPES, INDEX_DTYPES, as_tensor, check_dtype, check_shape,
                        cpu_contiguous, to_kind)
-from .state import MoEState
+from .state import _LORA_NAMES, PARTITION_AXIS, MoEState
 
 MAX_TOP_K = 64
 
@@ -47,22 +48,27 @@ class MoECache:
     """Handle to the residuals of one forward call (see the module docstring). Single use: it cannot
     be copied or pickled."""
 
-    __slots__ = ("_core", "_state_token", "_meta", "_lora_key", "_lora_anchor", "__weakref__")
+    __slots__ = ("_cores", "_state_token", "_meta", "_lora_key", "_lora_anchor", "__weakref__")
 
-    def __init__(self, core, state: MoEState, meta: dict, lora_stamp):
-        self._core = core  # _core.ForwardCache: the backward takes its residuals out, once
+    def __init__(self, core: tuple, state: MoEState, meta: dict, lora_stamp):
+        self._cores = core  # _core.ForwardCache per partition of the state: the backward takes them out, once
         self._state_token = state._token
         self._meta = meta
         self._lora_key, self._lora_anchor = lora_stamp or (None, None)
 
     @property
+    def _core(self):
+        """The first partition's residuals: all of them for an unpartitioned state."""
+        return self._cores[0]
+
+    @property
     def consumed(self) -> bool:
-        return self._core.consumed
+        return self._core.consumed  # the backward takes them all
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the residuals (0 once consumed)."""
-        return self._core.nbytes
+        return sum(c.nbytes for c in self._cores)
 
     @property
     def num_tokens(self) -> int:
@@ -112,31 +118,47 @@ def _forward_inputs(state: MoEState, x, ids, w):
             meta)
 
 
+@contextlib.contextmanager
+def _waiting_on_failure(jobs: list):
+    """If submitting a later partition's job fails, the jobs already running still read this call's tensors:
+    wait for them before the error frees those."""
+    try:
+        yield
+    except BaseException:
+        for job in jobs:
+            job.wait()
+        raise
+
+
 class ForwardHandle:
     """A forward running on the state's worker threads; result() waits (GIL released)."""
 
-    def __init__(self, job, y, cache: MoECache | None, keep_alive, meta):
-        self._job = job
-        self._y = y
+    def __init__(self, jobs, ys, cache: MoECache | None, keep_alive, meta):
+        self._jobs = jobs  # one per partition of the state
+        self._ys = ys  # their outputs: y itself, or partial results (fp32) to add up
         self._cache = cache
-        self._keep_alive = keep_alive  # inputs the kernels read until the job is done
+        self._keep_alive = keep_alive  # inputs the kernels read until the jobs are done
         self._meta = meta
 
     def done(self) -> bool:
-        return self._job.done()
+        return all(job.done() for job in self._jobs)
 
     def __del__(self):
-        # The kernels read the inputs and write y until the job ends: never free them earlier.
-        job = getattr(self, "_job", None)
-        if job is not None and self._keep_alive is not None:
-            job.wait()
+        # The kernels read the inputs and write y until the jobs end: never free them earlier.
+        if getattr(self, "_keep_alive", None) is not None:
+            for job in self._jobs:
+                job.wait()
 
     def result(self):
         """(y, cache): y of the input's kind and dtype; cache None without save_for_backward."""
-        self._job.wait()
+        for job in self._jobs:
+            job.wait()
         self._keep_alive = None
         meta = self._meta
-        return to_kind(self._y, meta["numpy"], meta["device"]), self._cache
+        y = self._ys[0]
+        for partial in self._ys[1:]:  # in partition order: deterministic
+            y = y + partial
+        return to_kind(y.to(meta["x_dtype"]), meta["numpy"], meta["device"]), self._cache
 
 
 def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = True) -> ForwardHandle:
@@ -144,15 +166,23 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
     state = _check_state(state)
     xb, ids32, wf, meta = _forward_inputs(state, x, ids, w)
     T, k = meta["T"], meta["k"]
-    lora_args, lora_tensors = state.lora_args()
-    y = torch.empty(T, state.weights.hidden_size, dtype=meta["x_dtype"])
-    job, core_cache = _core.submit_forward(
-        state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
-        T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
-        variant=state.weights.variant_args(),
-    )
-    cache = MoECache(core_cache, state, meta, state.lora_stamp()) if save_for_backward else None
-    return ForwardHandle(job, y, cache, (xb, ids32, wf, lora_tensors, state.weights), meta)
+    calls = state.calls()
+    y_dtype = meta["x_dtype"] if len(calls) == 1 else torch.float32  # partial results add up in fp32
+    jobs, ys, cores, keep_alive = [], [], [], [xb, ids32, wf]
+    with _waiting_on_failure(jobs):
+        for part, lora_args, lora_tensors in calls:
+            y = torch.empty(T, state.weights.hidden_size, dtype=y_dtype)
+            job, core_cache = _core.submit_forward(
+                part._pool, part.weights.packed, part.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
+                T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+                variant=part.weights.variant_args(),
+            )
+            jobs.append(job)
+            ys.append(y)
+            cores.append(core_cache)
+            keep_alive += [lora_tensors, part.weights]  # its biases: read by the job until it ends
+    cache = MoECache(tuple(cores), state, meta, state.lora_stamp()) if save_for_backward else None
+    return ForwardHandle(jobs, ys, cache, keep_alive, meta)
 
 
 def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
@@ -191,26 +221,48 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
     check_dtype(gy, "gy", FLOAT_DTYPES)
     check_shape(gy, "gy", (T, H), f"[T, H] = {[T, H]} like the forward's y")
     gyb = cpu_contiguous(gy, torch.bfloat16)
-    dx = torch.empty(T, H, dtype=meta["x_dtype"])
-    dw = torch.empty(T, k, dtype=torch.float32)
-    lora_args, lora_tensors = state.lora_args()
-    grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
-    grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
-    # Consumes the cache atomically (ValueError if another thread got it first); the running job
-    # holds the residuals and frees them when done.
-    job = _core.submit_backward(
-        state._pool, state.weights.packed, state.isa, cache._core, gyb.data_ptr(), dx.data_ptr(),
-        DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=state.weights.variant_args(),
-    )
-    job.wait()
+    calls = state.calls()
+    out_dtype = meta["x_dtype"] if len(calls) == 1 else torch.float32  # partial results add up in fp32
+    jobs, outs = [], []
+    with _waiting_on_failure(jobs):
+        for (part, lora_args, lora_tensors), core in zip(calls, cache._cores):
+            dx = torch.empty(T, H, dtype=out_dtype)
+            dw = torch.empty(T, k, dtype=torch.float32)
+            grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
+            grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+            # Consumes the partition's residuals atomically (ValueError if another thread got them first);
+            # the running job holds them and frees them when done.
+            jobs.append(_core.submit_backward(
+                part._pool, part.weights.packed, part.isa, core, gyb.data_ptr(), dx.data_ptr(),
+                DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=part.weights.variant_args(),
+            ))
+            outs.append((dx, dw, grads, lora_tensors))  # lora_tensors: read by the job until it ends
+    for job in jobs:
+        job.wait()
+    dx, dw, grads, _ = outs[0]
+    for part_dx, part_dw, _, _ in outs[1:]:  # in partition order: deterministic
+        dx, dw = dx + part_dx, dw + part_dw
+    if grads and len(outs) > 1:
+        grads = [_reduce_partitions([out[2][i] for out in outs], PARTITION_AXIS[name])
+                 for i, name in enumerate(_LORA_NAMES)]
     # From here on only conversions the forward's output kind allows (none can fail).
     numpy, device = meta["numpy"], meta["device"]
     lora = LoRAGrads(*(to_kind(g, numpy, torch.device("cpu")) for g in grads)) if grads else None
     return Grads(
-        x=to_kind(dx, numpy, device),
+        x=to_kind(dx.to(meta["x_dtype"]), numpy, device),
         w=to_kind(dw.to(meta["w_dtype"]), numpy, device),
         lora=lora,
     )
+
+
+def _reduce_partitions(grads: list[torch.Tensor], axis: int | None) -> torch.Tensor:
+    """A LoRA gradient from its partitions': their sum for a tensor they share, else their slices joined."""
+    if axis is not None:
+        return torch.cat(grads, dim=axis)
+    total = grads[0]
+    for g in grads[1:]:
+        total = total + g
+    return total
 
 
 # ---- The split path: the layer in two kernel calls around a gate function computed by the caller -------------
@@ -225,7 +277,15 @@ _PART_GATE_UP, _PART_DOWN = 1, 2
 
 
 def _split_cache(cache, state, meta, part: int):
-    return MoECache(cache, state, {**meta, "part": part}, state.lora_stamp())
+    return MoECache((cache,), state, {**meta, "part": part}, state.lora_stamp())
+
+
+def _split_call(state: MoEState) -> tuple:
+    """(pointers of the state's LoRA as the tensors are now, the tensors to keep alive meanwhile)."""
+    calls = state.calls()
+    if len(calls) != 1:
+        raise ValueError(f"state: the split path runs unpartitioned states, got {len(calls)} partitions")
+    return calls[0][1:]
 
 
 def moe_gate_up_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
@@ -234,7 +294,7 @@ def moe_gate_up_forward(state: MoEState, x, ids, w, *, save_for_backward: bool =
     state = _check_state(state)
     xb, ids32, wf, meta = _forward_inputs(state, x, ids, w)
     T, k, I = meta["T"], meta["k"], state.weights.intermediate_size
-    lora_args, lora_tensors = state.lora_args()
+    lora_args, lora_tensors = _split_call(state)
     out = torch.zeros(T, k, 2 * I)
     job, core = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(), T, k, 0,
@@ -257,7 +317,7 @@ def moe_down_forward(state: MoEState, h, ids, w, *, save_for_backward: bool = Tr
     if ids32.shape[1] != k:
         raise ValueError(f"ids: expected shape [T, k] = {[T, k]} like h, got {list(ids32.shape)}")
     hb = cpu_contiguous(h, torch.bfloat16)
-    lora_args, _ = state.lora_args()
+    lora_args, lora_tensors = _split_call(state)
     y = torch.empty(T, H, dtype=h.dtype)
     job, core = _core.submit_forward(
         state._pool, state.weights.packed, state.isa, 0, ids32.data_ptr(), wf.data_ptr(), T, k, y.data_ptr(),
@@ -281,7 +341,7 @@ def _split_backward(state: MoEState, cache, part: int, gy=None, dgate_up=None):
                          "backward")
     meta = cache._meta
     T, k, H, I = meta["T"], meta["k"], state.weights.hidden_size, state.weights.intermediate_size
-    lora_args, lora_tensors = state.lora_args()
+    lora_args, lora_tensors = _split_call(state)
     grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
     grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
     dw = torch.zeros(T, k)

@@ -1,8 +1,10 @@
 """Explicit, immutable state of an expert layer: packed weights, LoRA adapters, worker pool."""
 from __future__ import annotations
 
+import glob
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -120,22 +122,31 @@ class ExpertWeights:
     """The frozen routed-expert weights of one MoE layer, packed once for every ISA path.
 
     The packed copy is all that stays alive: the source tensors can be dropped afterwards.
+    Partitioned weights (from_tensors(..., partitions=N or numa=True)) hold one packed copy of each slice
+    of the intermediate dimension I instead (parts), each packed by the workers of its partition.
     """
 
-    packed: _core.PackedExperts = field(repr=False)
+    packed: _core.PackedExperts | None = field(repr=False)  # None when partitioned: the parts hold the slices
     num_experts: int
     hidden_size: int
     intermediate_size: int
     backward_weights: str = "on_the_fly"
+    parts: tuple = field(default=(), repr=False)  # the ExpertWeights of each slice of I, in order
+    part_cpus: tuple = field(default=(), repr=False)  # the CPUs whose workers packed each part (() = any)
+    numa: bool = False  # partitioned per NUMA node
     variant: ExpertVariant = SWIGLU
     gate_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, I] fp32, frozen
     up_bias: torch.Tensor | None = field(default=None, repr=False)    # [E, I]
     down_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, H]
 
     @property
+    def partitions(self) -> int:
+        return len(self.parts) or 1
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the packed weights."""
-        return self.packed.nbytes
+        return sum(p.nbytes for p in self.parts) if self.parts else self.packed.nbytes
 
     @property
     def storage(self) -> str:
@@ -152,19 +163,23 @@ class ExpertWeights:
     def __reduce__(self):
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
         return _unpickle_expert_weights, (gate if self.variant.gated else None, up, down, self.backward_weights,
-                                          self.variant, self.gate_bias, self.up_bias, self.down_bias)
+                                          self.partitions, self.numa, self.variant, self.gate_bias, self.up_bias,
+                                          self.down_bias)
 
     @property
     def has_bias(self) -> bool:
         return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
 
     def variant_args(self) -> tuple:
-        """The variant and the bias pointers (0: none) as the kernels take them."""
+        """The variant and the bias pointers (0: none) as the kernels take them (of a part, for partitions)."""
         ptrs = tuple(0 if b is None else b.data_ptr() for b in (self.gate_bias, self.up_bias, self.down_bias))
         return self.variant.kernel_args() + ptrs
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by."""
+        if self.parts:
+            gates, ups, downs = zip(*(p.dequantize() for p in self.parts))
+            return torch.cat(gates, dim=1), torch.cat(ups, dim=1), torch.cat(downs, dim=2)
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         gate, up, down = torch.empty(E, I, H), torch.empty(E, I, H), torch.empty(E, H, I)
         self.packed.dequantize(gate.data_ptr(), up.data_ptr(), down.data_ptr())
@@ -172,8 +187,8 @@ class ExpertWeights:
 
     @classmethod
     def from_tensors(cls, gate, up, down, *, threads: int | None = None, backward_weights: str = "on_the_fly",
-                     variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None,
-                     down_bias=None) -> "ExpertWeights":
+                     partitions: int = 1, numa: bool = False, variant: ExpertVariant = SWIGLU, gate_bias=None,
+                     up_bias=None, down_bias=None) -> "ExpertWeights":
         """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides: transposed or interleaved
         storage is read straight into the packed layout), torch or numpy.
 
@@ -181,6 +196,8 @@ class ExpertWeights:
         gate=None. gate_bias, up_bias [E, I] and down_bias [E, H]: frozen biases (kept in fp32).
         One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
         backward_weights="resident" also keeps the transposed layout (twice the memory).
+        partitions=N / numa=True: one packed copy per slice of I instead, each packed by its partition's
+        workers (pinned to its node's CPUs where there are several nodes); see MoEState.
         """
         if backward_weights not in BACKWARD_WEIGHTS:
             raise ValueError(f"backward_weights: expected one of {BACKWARD_WEIGHTS}, got {backward_weights!r}")
@@ -203,32 +220,58 @@ class ExpertWeights:
             raise ValueError(f"{'gate' if variant.gated else 'up'}: every dimension must be >= 1, got {[E, I, H]}")
         if gate_bias is not None and not variant.gated:
             raise ValueError("gate_bias: a non-gated variant has no gate projection")
-        biases = (_bias(gate_bias, "gate_bias", (E, I)), _bias(up_bias, "up_bias", (E, I)),
-                  _bias(down_bias, "down_bias", (E, H)))
-        pool = _core.Pool(resolve_threads(threads))
-        packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
-                                     backward_weights == "resident")
-        return cls(packed, E, H, I, backward_weights, variant, *biases)
+        gate_bias, up_bias, down_bias = (_bias(gate_bias, "gate_bias", (E, I)), _bias(up_bias, "up_bias", (E, I)),
+                                         _bias(down_bias, "down_bias", (E, H)))
+        threads = resolve_threads(threads)
+        plan = _partition_plan(I, threads, partitions, numa)
+        if plan is None:
+            return cls._pack(gate, up, down, _core.Pool(threads), backward_weights, variant, gate_bias, up_bias,
+                             down_bias)
+
+        def cut(bias, lo, hi):
+            return None if bias is None else bias[:, lo:hi].contiguous()
+
+        # Slices of I: the gate / up biases are sliced with them; the down bias is added once (first part).
+        parts = tuple(cls._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool, backward_weights, variant,
+                                cut(gate_bias, lo, hi), cut(up_bias, lo, hi), down_bias if lo == 0 else None)
+                      for (lo, hi), pool in zip(plan.ranges, _partition_pools(plan.threads, plan.cpus)))
+        return cls(None, E, H, I, backward_weights, parts, plan.cpus, numa, variant=variant, gate_bias=gate_bias,
+                   up_bias=up_bias, down_bias=down_bias)
 
     @classmethod
-    def from_fused(cls, gate_up, down, *, threads: int | None = None,
-                   backward_weights: str = "on_the_fly") -> "ExpertWeights":
+    def _pack(cls, gate, up, down, pool: _core.Pool, backward_weights: str, variant: ExpertVariant = SWIGLU,
+              gate_bias=None, up_bias=None, down_bias=None) -> "ExpertWeights":
+        """Packs checked tensors on pool's workers (so the pages are first touched where they run)."""
+        E, I, H = up.shape
+        packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
+                                     backward_weights == "resident")
+        return cls(packed, E, H, I, backward_weights, variant=variant, gate_bias=gate_bias, up_bias=up_bias,
+                   down_bias=down_bias)
+
+    @classmethod
+    def from_fused(cls, gate_up, down, *, threads: int | None = None, backward_weights: str = "on_the_fly",
+                   partitions: int = 1, numa: bool = False) -> "ExpertWeights":
         """transformers v5 layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
         gate_up = _expert_tensor(gate_up, "gate_up")
         if gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected shape [E, 2I, H] with an even middle size, got {list(gate_up.shape)}")
         I = gate_up.shape[1] // 2
         return cls.from_tensors(gate_up[:, :I], gate_up[:, I:], down, threads=threads,
-                                backward_weights=backward_weights)
+                                backward_weights=backward_weights, partitions=partitions, numa=numa)
 
 
-def _unpickle_expert_weights(gate, up, down, backward_weights: str, variant: ExpertVariant = SWIGLU,
-                             gate_bias=None, up_bias=None, down_bias=None) -> ExpertWeights:
-    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights, variant=variant,
-                                      gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
+def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: int = 1, numa: bool = False,
+                             variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None,
+                             down_bias=None) -> ExpertWeights:
+    return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights, partitions=partitions,
+                                      numa=numa, variant=variant, gate_bias=gate_bias, up_bias=up_bias,
+                                      down_bias=down_bias)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
+# The axis of each LoRA tensor along I: a partition takes its slice there; None: shared by every partition
+# (its gradient is the sum of the partitions').
+PARTITION_AXIS = {"gate_a": None, "gate_b": 1, "up_a": None, "up_b": 1, "down_a": 2, "down_b": None}
 
 
 def _lora_shapes(E: int, H: int, I: int, r: int) -> dict[str, tuple]:
@@ -346,19 +389,114 @@ class LoRA:
         )
 
 
+def numa_nodes() -> list[tuple[int, ...]]:
+    """The CPUs of each NUMA node this process may run on (from /sys/devices/system/node); one entry holding
+    every allowed CPU where Linux reports no nodes."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    nodes = []
+    for path in sorted(glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"),
+                       key=lambda p: int(p.split("/node")[-1].split("/")[0])):
+        with open(path) as f:
+            cpus = set()
+            for part in f.read().strip().split(","):
+                if part:
+                    lo, _, hi = part.partition("-")
+                    cpus.update(range(int(lo), int(hi or lo) + 1))
+        if cpus & allowed:
+            nodes.append(tuple(sorted(cpus & allowed)))
+    return nodes or [tuple(sorted(allowed))]
+
+
+def _split(n: int, parts: int, align: int = 32) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of n split into parts near-equal pieces, on multiples of align where n allows."""
+    unit = align if n >= align * parts else 1
+    units = -(-n // unit)
+    bounds = [min(n, unit * (units * p // parts)) for p in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _split_threads(threads: int, n: int) -> tuple[int, ...]:
+    return tuple(threads // n + (p < threads % n) or 1 for p in range(n))
+
+
+def _partition_pools(threads: tuple[int, ...], cpus: tuple[tuple[int, ...], ...]) -> list[_core.Pool]:
+    # slot p + 1: pools of their own, running at the same time (slot 0 is the unpartitioned states')
+    return [_core.Pool(t, p + 1, c) for p, (t, c) in enumerate(zip(threads, cpus))]
+
+
+@dataclass(frozen=True)
+class _PartitionPlan:
+    """How a layer splits: I ranges, each partition's CPUs (() = not pinned) and thread count."""
+
+    ranges: tuple[tuple[int, int], ...]
+    cpus: tuple[tuple[int, ...], ...]
+    threads: tuple[int, ...]
+
+
+def _check_partition_args(partitions, numa) -> None:
+    if not isinstance(numa, bool):
+        raise TypeError(f"numa: expected a bool, got {numa!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions: expected an int >= 1, got {partitions!r}")
+
+
+def _partition_plan(I: int, threads: int, partitions: int, numa: bool) -> _PartitionPlan | None:
+    """The split of partitions=N / numa=True; None for one partition."""
+    _check_partition_args(partitions, numa)
+    nodes = numa_nodes() if numa else []
+    n = len(nodes) if numa and partitions == 1 else partitions
+    if numa and n != len(nodes):
+        raise ValueError(f"partitions: numa=True makes one partition per NUMA node ({len(nodes)} here), "
+                         f"got partitions={partitions}")
+    if n > I:
+        raise ValueError(f"partitions: at most I = {I} partitions, got {n}")
+    if n == 1:
+        return None
+    # Pinned only where there are several nodes: on one node every partition may use every CPU.
+    cpus = tuple(nodes) if len(nodes) > 1 else ((),) * n
+    return _PartitionPlan(tuple(_split(I, n)), cpus, _split_threads(threads, n))
+
+
+# weights -> {(partitions, numa): the same weights partitioned}: states that partition unpartitioned weights
+# (and those made from them by dataclasses.replace, e.g. the torch adapter's per-call states) pack them once.
+_REPARTITIONED: "weakref.WeakKeyDictionary[ExpertWeights, dict]" = weakref.WeakKeyDictionary()
+
+
+def _repartitioned(weights: ExpertWeights, threads: int, partitions: int, numa: bool) -> ExpertWeights:
+    cached = _REPARTITIONED.setdefault(weights, {})
+    if (partitions, numa) not in cached:
+        gate, up, down = weights.dequantize()  # exact bf16 values; one layer in fp32 while packing
+        cached[(partitions, numa)] = ExpertWeights.from_tensors(
+            gate if weights.variant.gated else None, up, down, threads=threads,
+            backward_weights=weights.backward_weights, partitions=partitions, numa=numa, variant=weights.variant,
+            gate_bias=weights.gate_bias, up_bias=weights.up_bias, down_bias=weights.down_bias)
+    return cached[(partitions, numa)]
+
+
 @dataclass(frozen=True, eq=False)
 class MoEState:
     """Everything a call needs: packed weights, optional LoRA, thread count and ISA path.
 
     Workers come from a pool shared by all states with the same thread count.
+
+    Partitioned weights (ExpertWeights.from_tensors(..., partitions=N or numa=True)) make a partitioned
+    state: every expert's intermediate dimension I is split into N slices, each with its own worker pool
+    (threads split between them, pinned to the node's CPUs with numa=True where there are several nodes)
+    and its own packed slice, packed (first touched) by that partition's workers; a call runs the
+    partitions at once and sums their partial results in a fixed order (deterministic).
+    MoEState(unpartitioned weights, partitions=N or numa=True) partitions a copy of them (packed once per
+    weights and shared): the layer then holds its experts twice.
     """
 
     weights: ExpertWeights
     lora: LoRA | None = None
     threads: int = 2
     isa: str | None = None
-    _pool: _core.Pool = field(init=False, repr=False)
+    partitions: int = 1
+    numa: bool = False
+    _pool: _core.Pool | None = field(default=None, repr=False)  # given only to the states of partitions
     _token: object = field(init=False, repr=False)  # identifies this state's caches
+    _parts: tuple = field(init=False, repr=False)  # one LoRA-less state per partition; () when unpartitioned
 
     def __post_init__(self):
         if not isinstance(self.weights, ExpertWeights):
@@ -378,17 +516,54 @@ class MoEState:
         if isa not in _core.runnable_isas():
             raise ValueError(f"isa: '{isa}' cannot run here; available: {_core.runnable_isas()}")
         object.__setattr__(self, "isa", isa)
-        object.__setattr__(self, "_pool", _core.Pool(self.threads))
         object.__setattr__(self, "_token", object())
+        object.__setattr__(self, "_parts", self._partition())
+        if self._pool is None and not self._parts:
+            object.__setattr__(self, "_pool", _core.Pool(self.threads))
+
+    def _partition(self) -> tuple:
+        _check_partition_args(self.partitions, self.numa)
+        weights = self.weights
+        if weights.parts:
+            if self.partitions not in (1, weights.partitions) or (self.numa and not weights.numa):
+                raise ValueError(f"partitions: the weights are packed in {weights.partitions} partitions "
+                                 f"(numa={weights.numa}); got partitions={self.partitions}, numa={self.numa}")
+        elif _partition_plan(weights.intermediate_size, self.threads, self.partitions, self.numa) is None:
+            return ()
+        else:
+            weights = _repartitioned(weights, self.threads, self.partitions, self.numa)
+        pools = _partition_pools(_split_threads(self.threads, weights.partitions), weights.part_cpus)
+        # LoRA-less: a call slices the state's LoRA for each partition as the tensors are then.
+        return tuple(MoEState(part, None, threads=pool.threads, isa=self.isa, _pool=pool)
+                     for part, pool in zip(weights.parts, pools))
 
     def __reduce__(self):  # the pool and cache token are per process and per state: made anew
-        return MoEState, (self.weights, self.lora, self.threads, self.isa)
+        return MoEState, (self.weights, self.lora, self.threads, self.isa, self.partitions, self.numa)
 
-    def lora_args(self) -> tuple[tuple | None, list[torch.Tensor]]:
-        """Pointers of the LoRA tensors as they are now (checked again), and the tensors to keep alive meanwhile."""
+    def calls(self) -> list[tuple["MoEState", tuple | None, list[torch.Tensor]]]:
+        """What a call runs, per partition (or the state alone): (state, pointers of its LoRA as the tensors
+        are now, checked again, or None; the tensors to keep alive meanwhile). A partition gets slices of the
+        LoRA along I (PARTITION_AXIS), taken at every call: optimizer steps and replaced storages show."""
         if self.lora is None:
-            return None, []
-        ts = [t.detach().contiguous() for t in self.lora.checked_tensors()]
+            return [(part, None, []) for part in self.partition_states()]
+        tensors = self.lora.checked_tensors()
+        if not self._parts:
+            return [(self, *self._lora_args(tensors))]
+        out, lo = [], 0
+        for part in self._parts:
+            hi = lo + part.weights.intermediate_size
+            sliced = [t if PARTITION_AXIS[name] is None else t.narrow(PARTITION_AXIS[name], lo, hi - lo)
+                      for name, t in zip(_LORA_NAMES, tensors)]
+            out.append((part, *self._lora_args(sliced)))
+            lo = hi
+        return out
+
+    def partition_states(self) -> tuple["MoEState", ...]:
+        """The LoRA-less states of the partitions, or (self,) for an unpartitioned state."""
+        return self._parts or (self,)
+
+    def _lora_args(self, tensors: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]]:
+        ts = [t.detach().contiguous() for t in tensors]
         ptrs = tuple(t.data_ptr() for t in ts)
         return ptrs + (DTYPE_CODE[ts[0].dtype], self.lora.rank, self.lora.scale), ts
 
@@ -403,4 +578,4 @@ class MoEState:
         return tuple((t._version, t.data_ptr(), t.stride()) for t in tensors), [t.detach() for t in tensors]
 
 
-__all__ = ["ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "ACTIVATIONS"]
+__all__ = ["ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "numa_nodes", "ACTIVATIONS"]

@@ -1,10 +1,13 @@
 #include "pool.hpp"
 
 #include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 namespace kt {
 
@@ -37,7 +40,7 @@ void Job::finish() {
   cv_.notify_all();
 }
 
-Pool::Pool(int nthreads) {
+Pool::Pool(int nthreads, std::vector<int> cpus) : cpus_(std::move(cpus)) {
   if (nthreads < 1)
     throw std::invalid_argument("threads: expected >= 1 worker threads, got " + std::to_string(nthreads));
   workers_.reserve(nthreads);
@@ -85,6 +88,12 @@ void Pool::start_next_locked() {
 }
 
 void Pool::worker_loop(int tid) {
+  if (!cpus_.empty()) {  // pinned before the first job: its pages (first touch) land on these CPUs' node
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int cpu : cpus_) CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);  // best effort: unpinned if refused
+  }
   uint64_t seen = 0;
   for (;;) {
     std::shared_ptr<Job> job;
@@ -106,14 +115,15 @@ void Pool::worker_loop(int tid) {
   }
 }
 
-std::shared_ptr<Pool> Pool::shared(int nthreads) {
+std::shared_ptr<Pool> Pool::shared(int nthreads, int slot, const std::vector<int>& cpus) {
   static std::mutex mutex;
-  static std::map<int, std::weak_ptr<Pool>> pools;
+  static std::map<std::tuple<int, int, std::vector<int>>, std::weak_ptr<Pool>> pools;
   std::lock_guard<std::mutex> lock(mutex);
-  std::shared_ptr<Pool> pool = pools[nthreads].lock();
+  std::weak_ptr<Pool>& entry = pools[{nthreads, slot, cpus}];
+  std::shared_ptr<Pool> pool = entry.lock();
   if (!pool) {
-    pool = std::make_shared<Pool>(nthreads);
-    pools[nthreads] = pool;
+    pool = std::make_shared<Pool>(nthreads, cpus);
+    entry = pool;
   }
   return pool;
 }

@@ -77,9 +77,10 @@ class Job {
 
 class Pool {
  public:
+  // cpus: the CPUs the workers are pinned to (empty: not pinned), e.g. one NUMA node's.
   // Throws std::invalid_argument for nthreads < 1, std::runtime_error when the OS refuses a
   // thread (the threads already started are stopped and joined first).
-  explicit Pool(int nthreads);
+  explicit Pool(int nthreads, std::vector<int> cpus = {});
   // Runs every job submitted so far to its end, then joins the workers.
   ~Pool();
   Pool(const Pool&) = delete;
@@ -90,12 +91,14 @@ class Pool {
     submit(job);
     job->wait();
   }
-  // One pool per thread count, shared by every state that asks for that count (so layers do
-  // not oversubscribe the cores), kept alive by its users.
-  static std::shared_ptr<Pool> shared(int nthreads);
+  // One pool per (thread count, slot, CPUs), shared by every state that asks for it (so layers do
+  // not oversubscribe the cores), kept alive by its users. Distinct slots give distinct pools that
+  // run at the same time (one per partition of a partitioned state).
+  static std::shared_ptr<Pool> shared(int nthreads, int slot = 0, const std::vector<int>& cpus = {});
 
  private:
   void worker_loop(int tid);
+  std::vector<int> cpus_;
   void start_next_locked();
   void stop_and_join();
   std::vector<std::thread> workers_;

@@ -8,6 +8,7 @@ tuples of the right length, no use of an empty handle.
 from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libcpp.memory cimport make_shared, shared_ptr
 from libcpp.string cimport string
+from libcpp.vector cimport vector
 
 cimport kernels as kt
 
@@ -57,11 +58,13 @@ def kernel_peak(str isa not None, int threads, double seconds=1.0):
 
 
 cdef class Pool:
-    """A persistent worker pool, shared by every user asking for the same thread count."""
+    """A persistent worker pool, shared by every user asking for the same thread count, slot and CPUs
+    (cpus: the CPUs its workers are pinned to; empty: not pinned)."""
     cdef shared_ptr[kt.Pool] ptr
 
-    def __cinit__(self, int threads):
-        self.ptr = kt.shared_pool(threads)
+    def __cinit__(self, int threads, int slot=0, cpus=()):
+        cdef vector[int] cpu_list = sorted(cpus)
+        self.ptr = kt.shared_pool(threads, slot, cpu_list)
 
     def __dealloc__(self):
         # The last user of a pool joins its workers after the submitted jobs end: without the GIL,

@@ -67,7 +67,7 @@ cdef extern from "pool.hpp" namespace "kt":
         int threads() nogil
         void submit(shared_ptr[Job]) except + nogil
 
-    shared_ptr[Pool] shared_pool "kt::Pool::shared"(int) except +
+    shared_ptr[Pool] shared_pool "kt::Pool::shared"(int, int, const vector[int]&) except +
 
 
 cdef extern from "pack.hpp" namespace "kt":
