@@ -104,6 +104,13 @@ struct Relu2 {
 inline float clamp_gate(float g, float limit) { return g < limit ? g : limit; }
 inline float clamp_up(float u, float limit) { return u < -limit ? -limit : (u > limit ? limit : u); }
 
+// The cache keeps each clamp's decision, made on the fp32 pre-activation: a clamped value is cached as
+// +-inf (clamp_gate / clamp_up of it give the limit back), the others rounded to bf16. Deciding again on
+// the bf16 value would flip the clamp's indicator for values within a rounding step of the limit.
+constexpr float kInf = __builtin_inff();
+inline float cached_gate(float g, float limit) { return g > limit ? kInf : g; }
+inline float cached_up(float u, float limit) { return u > limit ? kInf : (u < -limit ? -kInf : u); }
+
 // Forward epilogue (GateForwardFn) of (Act, gated).
 template <class Act, bool kGated>
 void gate_forward(const ExpertVariant& v, const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h) {
@@ -114,9 +121,9 @@ void gate_forward(const ExpertVariant& v, const float* gate, const float* up, in
     h[c] = to_bf16(hv);
   }
   if (g)
-    for (int64_t c = 0; c < n; ++c) g[c] = to_bf16(gate[c]);
+    for (int64_t c = 0; c < n; ++c) g[c] = to_bf16(kGated ? cached_gate(gate[c], limit) : gate[c]);
   if (u)
-    for (int64_t c = 0; c < n; ++c) u[c] = to_bf16(up[c]);
+    for (int64_t c = 0; c < n; ++c) u[c] = to_bf16(kGated ? cached_up(up[c], limit) : up[c]);
 }
 
 // Dot products in kLanes independent partial sums, so the loop vectorizes without reassociation
@@ -141,8 +148,8 @@ inline float gate_backward_column(const ExpertVariant& v, int64_t c, const float
     const float gc = clamp_gate(gf, v.limit), uc = clamp_up(uf, v.limit) + v.up_offset;
     const float dact = Act::derivative(gc, v.alpha, &act);
     hv = act * uc;
-    dg[c] = to_bf16(gf <= v.limit ? dh * uc * dact : 0.0f);
-    du[c] = to_bf16(uf >= -v.limit && uf <= v.limit ? dh * act : 0.0f);
+    dg[c] = to_bf16(gf < kInf ? dh * uc * dact : 0.0f);  // clamped entries are cached as +-inf
+    du[c] = to_bf16(uf > -kInf && uf < kInf ? dh * act : 0.0f);
   } else {
     const float dact = Act::derivative(uf, v.alpha, &act);
     hv = act;
