@@ -124,7 +124,7 @@ def verdict(value, goal, higher_is_better=True) -> str:
 
 
 def self_table(results) -> str:
-    """kt against itself: the backward with the resident transposed layout, and without LoRA."""
+    """kt against itself: the backward with the resident transposed layout, without LoRA, and the split path."""
     rows = []
     for key in sorted_keys(results):
         shape, T, kind = key
@@ -138,6 +138,10 @@ def self_table(results) -> str:
             nl = impls["kt_no_lora"]
             rows.append([shape, T, "fwd+bwd: with LoRA r=16 vs without (LoRA's share of the step)",
                          ms(kt), ms(nl), f"{100 * (1 - nl['median_s'] / kt['median_s']):.1f}%"])
+        if kind == "fwd+bwd" and "kt_split" in impls:
+            sp = impls["kt_split"]
+            rows.append([shape, T, "fwd+bwd: fused SwiGLU epilogue vs the split path (gate in torch)",
+                         ms(kt), ms(sp), f"{100 * (sp['median_s'] / kt['median_s'] - 1):+.1f}%"])
     return table(["shape", "T", "comparison", "kt ms", "other ms", "difference"], rows)
 
 

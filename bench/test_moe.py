@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+import torch
 
 import kt_functional as ktf
 from kt_functional import reference
@@ -185,6 +186,34 @@ def test_storage(benchmark, machine, layer, T, kind, storage):
     step = kt_steps(layer, T, variant=variant)[kind]
     run_bench(benchmark, machine, layer, T, kind, f"kt_{storage}", step, expert_bytes=weights.nbytes / layer.shape.E,
               storage=storage)
+
+
+def kt_split_step(layer, T: int) -> Step:
+    """fwd+bwd on the split path (what an experts module's own _apply_gate gets): the kernels' gate/up part,
+    silu(g) * u in torch under autograd, the kernels' down part, and back. The same math as kt's fused
+    fwd+bwd, so the difference is the split path's cost."""
+    from kt_functional import ops
+
+    state = layer.state()
+    x, ids, w, gy = layer.tokens(T)
+    I = layer.shape.I
+
+    def fwd_bwd():
+        gate_up, gate_up_cache = ops.moe_gate_up_forward(state, x, ids, w)
+        gate_up.requires_grad_(True)
+        h = torch.nn.functional.silu(gate_up[..., :I]) * gate_up[..., I:]
+        _, down_cache = ops.moe_down_forward(state, h.detach(), ids, w)
+        down = ops.moe_down_backward(state, down_cache, gy)
+        h.backward(down.x)
+        return ops.moe_gate_up_backward(state, gate_up_cache, gate_up.grad)
+
+    return Step(fwd_bwd)
+
+
+@pytest.mark.self_cases
+def test_fwd_bwd_split_gate(benchmark, machine, layer, T):
+    """kt's split path (a gate function in torch between two kernel calls) against the fused epilogue."""
+    run_bench(benchmark, machine, layer, T, "fwd+bwd", "kt_split", kt_split_step(layer, T))
 
 
 def test_amx_tile_proxies(benchmark, machine, layer, T):

@@ -8,7 +8,7 @@
 """
 from . import _core
 from .ops import ForwardHandle, Grads, LoRAGrads, MoECache, moe_backward, moe_forward, moe_forward_async
-from .state import ExpertWeights, LoRA, MoEState, numa_nodes
+from .state import ExpertVariant, ExpertWeights, LoRA, MoEState, numa_nodes
 
 # Fails here, with a message naming KT_ISA, when KT_ISA asks for a path this CPU cannot run.
 _DEFAULT_ISA = _core.default_isa()
@@ -34,7 +34,8 @@ def cpu_info() -> dict:
 
 
 __all__ = [
-    "ExpertWeights", "LoRA", "MoEState", "MoECache", "Grads", "LoRAGrads", "ForwardHandle",
-    "moe_forward", "moe_forward_async", "moe_backward", "cpu_info", "numa_nodes", "available_isas", "release_workspaces",
+    "ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "MoECache", "Grads", "LoRAGrads", "ForwardHandle",
+    "moe_forward", "moe_forward_async", "moe_backward", "cpu_info", "numa_nodes", "available_isas",
+    "release_workspaces",
 ]
 __version__ = "0.1.0"

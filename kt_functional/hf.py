@@ -19,28 +19,17 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import distributed, quant
-from .state import _LORA_NAMES, ExpertWeights, check_lora_options, resolve_threads
+from .state import _LORA_NAMES, ExpertVariant, ExpertWeights, check_lora_options, resolve_threads
 from .torch import KTExperts
 
 EXPERTS_IMPLEMENTATION = "kt_functional"
-
-# model_type -> architecture, for the error that lists what is supported.
-SUPPORTED_ARCHITECTURES = {
-    "qwen3_moe": "Qwen3-MoE",
-    "qwen3_next": "Qwen3-Next",
-    "qwen3_5_moe": "Qwen3.5-MoE",
-    "qwen3_5_moe_text": "Qwen3.5-MoE (text)",
-    "qwen2_moe": "Qwen2-MoE",
-    "mixtral": "Mixtral",
-    "deepseek_v3": "DeepSeek-V3",
-    "olmoe": "OLMoE",
-}
 
 # Checkpoint keys: v5 fused (`...experts.gate_up_proj`) or one Linear per expert and projection.
 _LAYER = r"(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\."
@@ -53,40 +42,242 @@ _PER_EXPERT_PROJ = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "u
 _LAYER_OF_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _model_type(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    for cfg in (config, getattr(config, "text_config", None)):
-        model_type = getattr(cfg, "model_type", None)
-        if model_type in SUPPORTED_ARCHITECTURES:
-            return model_type
-    supported = ", ".join(f"{name} ({model_type})" for model_type, name in SUPPORTED_ARCHITECTURES.items())
-    raise ValueError(f"model: architecture '{config.model_type}' is not supported; supported: {supported}")
-
-
 def _is_experts(module: nn.Module) -> bool:
+    """A routed-experts module: one decorated with transformers' @use_experts_implementation (it declares the
+    interface's properties), or without that interface (older transformers v5) one holding 3-D gate_up_proj and
+    down_proj parameters."""
+    if _has_experts_interface():  # not one patch_model moved already
+        return hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate") and not hasattr(module,
+                                                                                                      "kt_experts")
     params = getattr(module, "_parameters", {})
     return "gate_up_proj" in params and "down_proj" in params and params["gate_up_proj"].dim() == 3
 
 
 def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     found = [(name, module) for name, module in model.named_modules() if _is_experts(module)]
     if not found:
-        raise ValueError("model: no routed-experts module (3-D gate_up_proj / down_proj parameters) was found; "
-                         "was it patched already?")
+        raise ValueError(f"model: {type(model).__name__} has no routed-experts module (one using transformers' "
+                         "experts interface); was it patched already?")
     return found
 
 
-def _check_experts(name: str, module: nn.Module) -> None:
-    for flag, ok in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True), ("has_gate", True),
-                     ("has_post_expert_norm", False)):
-        if getattr(module, flag, ok) != ok:
-            raise ValueError(f"model: {name} has {flag}={not ok}; kt-functional runs SwiGLU experts without bias, "
-                             "gate_up_proj [E, 2I, H] with gate rows first")
-    act = getattr(getattr(module, "config", None), "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"model: {name} uses activation '{act}'; kt-functional's experts compute silu(gate) * up")
+# ---- What an experts module computes, read from the experts interface's properties ----------------------------
+#
+# transformers' @use_experts_implementation declares has_gate, has_bias, is_transposed, is_concatenated and
+# has_post_expert_norm on the module; the activation is the module's act_fn, and a few classes define their own
+# _apply_gate. Support is decided from these alone (never from model_type or config fields): act_fn and a custom
+# _apply_gate are recognized by evaluating them on probe values against the variants the kernels implement.
+
+_PROPERTIES = {  # property -> (the decorator's default, values kt-functional supports)
+    "has_gate": (True, (True, False)),
+    "has_bias": (False, (True, False)),
+    "is_transposed": (False, (True, False)),
+    "is_concatenated": (True, (True, False)),
+    "has_post_expert_norm": (False, (False,)),
+}
+_ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How an experts module stores its weights (the interface's properties): gate_up_proj [E, 2I, H] (or
+    [E, H, 2I] when transposed) with gate and up concatenated or interleaved, or up_proj [E, I, H] without a
+    gate; down_proj [E, H, I] (or [E, I, H]); biases gate_up_proj_bias [E, 2I] / up_proj_bias, down_proj_bias."""
+
+    has_gate: bool = True
+    has_bias: bool = False
+    is_transposed: bool = False
+    is_concatenated: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        return (first, "down_proj") + ((f"{first}_bias", "down_proj_bias") if self.has_bias else ())
+
+    def split(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The module's parameters -> views gate, up [E, I, H], down [E, H, I], biases gate [E, I], up, down."""
+        first, down = params[self.names[0]], params["down_proj"]
+        if self.is_transposed:
+            first, down = first.transpose(1, 2), down.transpose(1, 2)
+        out = {"gate": None, "gate_bias": None, "up_bias": None, "down_bias": None, "down": down}
+        bias = params.get(self.names[0] + "_bias") if self.has_bias else None
+        if not self.has_gate:
+            out["up"], out["up_bias"] = first, bias
+        else:
+            I = first.shape[1] // 2
+            gate, up = (first[:, :I], first[:, I:]) if self.is_concatenated else (first[:, ::2], first[:, 1::2])
+            out["gate"], out["up"] = gate, up
+            if bias is not None:
+                out["gate_bias"], out["up_bias"] = (bias[:, :I], bias[:, I:]) if self.is_concatenated else (
+                    bias[:, ::2], bias[:, 1::2])
+        if self.has_bias:
+            out["down_bias"] = params["down_proj_bias"]
+        return out
+
+    def gate_up_columns(self, I: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of the gate and of the up values in the module's [S, 2I] gate_up output."""
+        i = torch.arange(I)
+        return (i, I + i) if self.is_concatenated else (2 * i, 2 * i + 1)
+
+    def join(self, t: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """split's inverse: tensors in our shapes -> the module's parameters (new contiguous tensors)."""
+        down = t["down"].transpose(1, 2) if self.is_transposed else t["down"]
+        out = {"down_proj": down.contiguous()}
+        if self.has_gate:
+            E, I, H = t["up"].shape
+            first = t["up"].new_empty(E, 2 * I, H)
+            cols_g, cols_u = self.gate_up_columns(I)
+            first[:, cols_g], first[:, cols_u] = t["gate"], t["up"]
+        else:
+            first = t["up"]
+        out[self.names[0]] = (first.transpose(1, 2) if self.is_transposed else first).contiguous()
+        if self.has_bias:
+            if self.has_gate:
+                E, I = t["up_bias"].shape
+                bias = t["up_bias"].new_empty(E, 2 * I)
+                cols_g, cols_u = self.gate_up_columns(I)
+                bias[:, cols_g], bias[:, cols_u] = t["gate_bias"], t["up_bias"]
+            else:
+                bias = t["up_bias"]
+            out[self.names[2]], out["down_proj_bias"] = bias.contiguous(), t["down_bias"].contiguous()
+        return out
+
+
+def _check_property(name: str, module: nn.Module, prop: str) -> None:
+    default, supported = _PROPERTIES[prop]
+    value = getattr(module, prop, default)
+    if value not in supported:
+        raise ValueError(f"model: experts module {name} ({type(module).__name__}) has {prop}={value!r}; "
+                         f"kt-functional supports {prop} in {list(supported)}")
+
+
+def _probe(n: int, spread: float, seed: int = 0) -> torch.Tensor:
+    """n fp32 probe values over [-spread, spread], 0 and small values included."""
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.rand(n, generator=gen) * 2 - 1) * spread
+    z[: n // 8] *= 0.05
+    z[0] = 0.0
+    return z
+
+
+def _same(out, expected) -> bool:
+    return (isinstance(out, torch.Tensor) and out.shape == expected.shape
+            and bool(torch.all((out.float() - expected).abs() <= 1e-5 * (1.0 + expected.abs()))))
+
+
+def _activation_of(act_fn) -> str | None:
+    """The name of the kernels' activation that act_fn computes (within fp32 rounding), or None."""
+    from .reference import _ACTIVATIONS
+
+    if act_fn is None:
+        return None
+    z = _probe(4096, 8.0)
+    with torch.no_grad():
+        try:
+            out = act_fn(z.clone())
+        except Exception:  # e.g. a two-argument activation module: not a plain activation
+            return None
+    for name in _ACTIVATION_NAMES:
+        if _same(out, _ACTIVATIONS[name](z, None)):
+            return name
+    return None
+
+
+def _numbers(module: nn.Module) -> list[float]:
+    """The module's own positive finite scalar attributes (a custom _apply_gate's limits and slopes live there)."""
+    return sorted({float(v) for k, v in vars(module).items() if not k.startswith("_") and not isinstance(v, bool)
+                   and isinstance(v, (int, float)) and math.isfinite(v) and v > 0})
+
+
+def _gate_candidates(module: nn.Module, activation: str | None) -> Iterator[ExpertVariant]:
+    """Gated variants a custom _apply_gate may compute: its act_fn (or silu) with or without clamps at one of
+    the module's numbers, and gpt-oss's swish with alpha and limit among them and (u + 1)."""
+    numbers = _numbers(module)
+    for act in dict.fromkeys([activation or "silu", "silu"]):
+        yield ExpertVariant(activation=act)
+        for limit in numbers:
+            yield ExpertVariant(activation=act, limit=limit)
+    for alpha in numbers:
+        for limit in [None, *numbers]:
+            for offset in (0.0, 1.0):
+                yield ExpertVariant(activation="swish", alpha=alpha, limit=limit, up_offset=offset)
+
+
+def _gated_variant(module: nn.Module, layout: ExpertsLayout, activation: str | None) -> ExpertVariant | None:
+    """The kernels' variant equal to the module's _apply_gate on probe values (gate / up placed as its
+    layout says), or None."""
+    from .reference import _hidden
+
+    I = 256
+    spreads = [4.0, *(2.0 * v for v in _numbers(module))]  # around 0 and beyond each clamp the module may have
+    g = torch.stack([_probe(I, v, seed=1) for v in spreads])
+    u = torch.stack([_probe(I, v, seed=2) for v in spreads])
+    gate_up = torch.empty(len(spreads), 2 * I)
+    cols_g, cols_u = layout.gate_up_columns(I)
+    gate_up[:, cols_g], gate_up[:, cols_u] = g, u
+    with torch.no_grad():
+        try:
+            out = module._apply_gate(gate_up)
+        except Exception:
+            return None
+        for variant in _gate_candidates(module, activation):
+            if _same(out, _hidden(g, u, variant)):
+                return variant
+    return None
+
+
+class ModuleGate:
+    """The split path's gate function of an experts module: its own _apply_gate on g | u placed as its layout
+    says (or its act_fn on u when it has no gate), in torch under autograd."""
+
+    def __init__(self, module: nn.Module, layout: ExpertsLayout):
+        self.module, self.layout = module, layout
+
+    def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if not self.layout.has_gate:
+            return self.module.act_fn(u)
+        shape, I = g.shape, g.shape[-1]
+        pair = (torch.cat([g, u], dim=-1) if self.layout.is_concatenated
+                else torch.stack([g, u], dim=-1).flatten(-2))
+        return self.module._apply_gate(pair.reshape(-1, 2 * I)).reshape(shape)
+
+    def __repr__(self) -> str:
+        what = "_apply_gate" if self.layout.has_gate else "act_fn"
+        return f"{type(self.module).__name__}.{what} (torch)"
+
+
+def experts_support(name: str, module: nn.Module) -> tuple[ExpertsLayout, ExpertVariant | None]:
+    """(storage layout, variant) of an experts module, from its properties; variant None: the kernels' epilogues
+    do not compute its gate function, which then runs in torch between two kernel calls (the split path).
+    ValueError naming the module, the property and the supported values when the kernels cannot run it."""
+    for prop in _PROPERTIES:
+        _check_property(name, module, prop)
+    layout = ExpertsLayout(*(bool(getattr(module, p, _PROPERTIES[p][0]))
+                             for p in ("has_gate", "has_bias", "is_transposed", "is_concatenated")))
+    params = dict(module.named_parameters(recurse=False))
+    missing = [n for n in layout.names if n not in params]
+    if missing:
+        raise ValueError(f"model: experts module {name} ({type(module).__name__}) declares has_gate="
+                         f"{layout.has_gate}, has_bias={layout.has_bias} but has no parameter {missing[0]}")
+    act_fn = getattr(module, "act_fn", None)
+    activation = _activation_of(act_fn)
+    apply_gate = getattr(module, "_apply_gate", None)
+    custom_gate = getattr(apply_gate, "__func__", apply_gate) not in (None, _default_apply_gate())
+    if not layout.has_gate:
+        return layout, None if activation is None else ExpertVariant(gated=False, activation=activation)
+    if not custom_gate:
+        return layout, None if activation is None else ExpertVariant(activation=activation)
+    return layout, _gated_variant(module, layout, activation)
+
+
+def _default_apply_gate():
+    try:
+        from transformers.integrations.moe import _default_apply_gate as default
+    except ImportError:
+        return None
+    return default
 
 
 def _layer_index(name: str) -> int:
@@ -132,22 +323,83 @@ def kt_layers(model: nn.Module) -> list[tuple[str, KTExperts]]:
     return out
 
 
-def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager") -> nn.Module:
-    """A copy of the unpatched base whose experts carry patched's LoRA in plain torch (TorchLoRAExperts).
+class _TorchTwinExperts(nn.Module):
+    """An unpatched experts module carrying a patched layer's LoRA, in plain torch (per-expert loop): the base
+    projections from the module's own parameters in its own layout (transposed, interleaved, biases), the
+    LoRA terms added at the gate / up columns the layout names, then the module's own _apply_gate (or act_fn
+    when it has no gate) and post_expert_norm. bf16_inputs: hidden_states rounded to bf16 first, as the
+    kernels take them (MATH.md: x is bf16, and the reference upcasts the same bf16 inputs)."""
+
+    def __init__(self, experts: nn.Module, lora: dict, alpha: float, layout: ExpertsLayout, bf16_inputs: bool):
+        super().__init__()
+        self.experts = experts
+        self.layout = layout
+        self.bf16_inputs = bf16_inputs
+        for name in _LORA_NAMES:
+            setattr(self, name, nn.Parameter(lora[name].detach().clone()))
+        self.scale = alpha / self.gate_a.shape[1]
+
+    def _linear(self, x, weight, bias):
+        out = x @ weight.to(x.dtype) if self.layout.is_transposed else torch.nn.functional.linear(x, weight.to(x.dtype))
+        return out if bias is None else out + bias.to(x.dtype)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        m, layout, s = self.experts, self.layout, self.scale
+        first_name = layout.names[0]
+        first, down = getattr(m, first_name), m.down_proj
+        first_bias = getattr(m, first_name + "_bias") if layout.has_bias else None
+        down_bias = m.down_proj_bias if layout.has_bias else None
+        E, I = self.up_b.shape[:2]
+        cols_g, cols_u = layout.gate_up_columns(I)
+        x = hidden_states.bfloat16().to(hidden_states.dtype) if self.bf16_inputs else hidden_states
+        lora = {n: getattr(self, n).to(x.dtype) for n in _LORA_NAMES}
+        y = torch.zeros_like(x).index_add(0, torch.zeros(0, dtype=torch.int64), x[:0])  # keeps x's graph
+        for e in torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < E)]).tolist():
+            tok, slot = torch.where(top_k_index == e)
+            xe = x[tok]
+            proj = self._linear(xe, first[e], None if first_bias is None else first_bias[e])
+            du = s * (xe @ lora["up_a"][e].T) @ lora["up_b"][e].T
+            if layout.has_gate:
+                dg = s * (xe @ lora["gate_a"][e].T) @ lora["gate_b"][e].T
+                proj = proj + xe.new_zeros(len(tok), 2 * I).index_copy(1, cols_g, dg).index_copy(1, cols_u, du)
+                h = m._apply_gate(proj)
+            else:
+                h = m.act_fn(proj + du)
+            o = self._linear(h, down[e], None if down_bias is None else down_bias[e])
+            o = o + s * (h @ lora["down_a"][e].T) @ lora["down_b"][e].T
+            if getattr(m, "has_post_expert_norm", False):
+                o = m.post_expert_norm(o)
+            y = y.index_add(0, tok, (o * top_k_weights[tok, slot, None].to(o.dtype)).to(y.dtype))
+        return y
+
+
+def torch_lora_twin(base: nn.Module, patched: nn.Module, impl: str = "eager", bf16_inputs: bool = False) -> nn.Module:
+    """A copy of the unpatched base whose experts carry patched's LoRA in plain torch.
 
     The peer and reference of a patched model: same frozen weights, same LoRA values (copied),
-    only the LoRA trainable. impl: "eager" (per-expert loop) or "grouped_mm" (transformers' layout).
+    only the LoRA trainable. impl: "eager" (per-expert loop, the module's own gate function and layout;
+    bf16_inputs: the experts' inputs rounded to bf16 as the kernels take them) or "grouped_mm"
+    (transformers' grouped layout; SwiGLU experts in the standard layout only).
     """
     from .reference import TorchLoRAExperts
 
+    if impl not in ("eager", "grouped_mm"):
+        raise ValueError(f"impl: expected 'eager' or 'grouped_mm', got {impl!r}")
     twin = copy.deepcopy(base)
     twin.requires_grad_(False)
     for path, kt in kt_layers(patched):
         experts = twin.get_submodule(path)
         lora = {name: getattr(kt, name) for name in _LORA_NAMES}
+        layout = _layout_of(kt)
+        if impl == "grouped_mm":
+            if (layout, kt.weights.variant, kt.gate_fn) != (ExpertsLayout(), ExpertVariant(), None):
+                raise ValueError(f"impl: 'grouped_mm' twins SwiGLU experts in the standard layout; {path} computes "
+                                 f"{kt.weights.variant} with {layout}")
+            replacement = TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha, impl=impl)
+        else:
+            replacement = _TorchTwinExperts(experts, lora, kt.lora_alpha, layout, bf16_inputs)
         parent, _, child = path.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, child,
-                TorchLoRAExperts(experts.gate_up_proj, experts.down_proj, lora, kt.lora_alpha, impl=impl))
+        setattr(twin.get_submodule(parent) if parent else twin, child, replacement)
     return twin
 
 
@@ -175,10 +427,13 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     """
     if storage is not None:
         quant.check_storage(storage)
-    _model_type(model)
     experts = _experts_modules(model)
-    for name, module in experts:
-        _check_experts(name, module)
+    support = {name: experts_support(name, module) for name, module in experts}
+    if checkpoint is not None:
+        for name, (layout, variant) in support.items():
+            if (layout, variant) != (ExpertsLayout(), ExpertVariant()):
+                raise ValueError(f"checkpoint: {name} computes {variant} stored as {layout}; streaming from a "
+                                 "checkpoint (load_experts) reads SwiGLU experts in the standard layout only")
     threads = resolve_threads(threads)
     check_lora_options(lora_rank, lora_alpha)
     distributed.check_lora_grad_reduction(lora_grad_reduction)
@@ -188,6 +443,10 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
     if owner_rank is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         group = distributed.ExpertGroup.new(owner_rank, timeout=timeout)
     remote = group is not None and not group.is_owner
+    split = [name for name, (_, variant) in support.items() if variant is None]
+    if group is not None and split:
+        raise ValueError(f"owner_rank: {split[0]} runs its own gate function in torch (the split path), which "
+                         "runs in one process only; patch without owner_rank")
     if checkpoint is not None and not remote:
         packed = dict(load_experts(checkpoint, threads=threads, storage=storage, partitions=partitions,
                                    numa=numa))
@@ -204,16 +463,19 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             p.requires_grad_(False)
     for name, module in experts:
         layer = _layer_index(name)
-        expected = (module.gate_up_proj.shape[0], module.gate_up_proj.shape[2], module.gate_up_proj.shape[1] // 2)
+        layout, variant = support[name]
+        params = {n: getattr(module, n) for n in layout.names}
+        up = layout.split(params)["up"]
+        expected = (up.shape[0], up.shape[2], up.shape[1])
         if remote:
             weights = None
         elif checkpoint is not None:
             weights = packed.pop(layer)
         else:
-            if module.gate_up_proj.is_meta or module.down_proj.is_meta:
+            if any(p.is_meta for p in params.values()):
                 raise ValueError(f"model: {name} holds empty (meta) expert weights; pass checkpoint= to read them")
-            weights = ExpertWeights.from_fused(module.gate_up_proj, module.down_proj, storage=storage or "bf16",
-                                               threads=threads, partitions=partitions, numa=numa)
+            kernel_variant = variant or ExpertVariant(gated=layout.has_gate)  # split path: no epilogue runs
+            weights = _pack(layout.split(params), kernel_variant, threads, partitions, numa, storage=storage or "bf16")
         if weights is not None:
             dims = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
             if dims != expected:
@@ -227,9 +489,13 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
             kt = distributed.RemoteExperts(group, *expected)
         else:
             kt = distributed.OwnerExperts(group, *kt_args, lora_grad_reduction=lora_grad_reduction, **kt_kwargs)
-        kt.peft_param_order = [p for p in module._parameters if p in ("gate_up_proj", "down_proj")]
+        kt.peft_param_order = [p for p in module._parameters if p in layout.names[:2]]
+        kt.experts_layout = layout
+        if variant is None:
+            kt.gate_fn = ModuleGate(module, layout)
         if use_interface:
-            del module.gate_up_proj, module.down_proj  # frees the torch expert weights
+            for n in layout.names:  # frees the torch expert weights
+                delattr(module, n)
             module.kt_experts = kt
             module._kt_previous_experts_implementation = previous[id(module.config)]
             module.config._experts_implementation = EXPERTS_IMPLEMENTATION
@@ -259,7 +525,6 @@ def patch_model(model: nn.Module, lora_rank: int = 16, lora_alpha: float = 32, t
 # deep-copies and pickles with them.
 
 ADAPTER_SUBDIR = "kt_lora_adapter"  # where save_pretrained writes the LoRA (a PEFT adapter)
-_BASE_NAMES = ("gate_up_proj", "down_proj")
 
 
 def _kt_of(module: nn.Module) -> KTExperts:
@@ -267,9 +532,22 @@ def _kt_of(module: nn.Module) -> KTExperts:
     return module if isinstance(module, KTExperts) else module.kt_experts
 
 
+def _pack(tensors: dict, variant: ExpertVariant, threads: int | None, partitions: int = 1,
+          numa: bool = False, storage: str = "bf16") -> ExpertWeights:
+    """ExpertWeights from ExpertsLayout.split's views (strided: packed straight from the module's storage)."""
+    return ExpertWeights.from_tensors(tensors["gate"], tensors["up"], tensors["down"], storage=storage,
+                                      threads=threads, partitions=partitions, numa=numa, variant=variant,
+                                      gate_bias=tensors["gate_bias"], up_bias=tensors["up_bias"],
+                                      down_bias=tensors["down_bias"])
+
+
+def _layout_of(kt: KTExperts) -> ExpertsLayout:
+    return getattr(kt, "experts_layout", None) or ExpertsLayout()
+
+
 def _base_tensors(kt: KTExperts, merge_lora: bool = False) -> dict[str, torch.Tensor]:
-    """transformers' expert parameters (gate_up_proj [E, 2I, H] gate rows first, down_proj [E, H, I]) in fp32
-    from the packed weights (exact bf16 values), with s B A added per expert and projection if merge_lora."""
+    """The experts module's parameters (its names and layout) in fp32 from the packed weights (exact bf16
+    values) and biases, with s B A added per expert and projection if merge_lora."""
     gate, up, down = kt.weights.dequantize()
     if merge_lora and kt.lora_rank:
         s = kt.lora_alpha / kt.lora_rank
@@ -277,31 +555,33 @@ def _base_tensors(kt: KTExperts, merge_lora: bool = False) -> dict[str, torch.Te
         gate.baddbmm_(gb, ga, alpha=s)
         up.baddbmm_(ub, ua, alpha=s)
         down.baddbmm_(db, da, alpha=s)
-    return {"gate_up_proj": torch.cat([gate, up], dim=1), "down_proj": down}
+    w = kt.weights
+    return _layout_of(kt).join({"gate": gate, "up": up, "down": down, "gate_bias": w.gate_bias,
+                                "up_bias": w.up_bias, "down_bias": w.down_bias})
 
 
 def _experts_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
     """state_dict() of a patched experts module also holds its base weights under transformers' names, in bf16
-    (what the kernels hold): save_pretrained and any state_dict-based save write the real experts."""
+    (what the kernels hold; biases fp32): save_pretrained and any state_dict-based save write the real experts."""
     kt = _kt_of(module)
     tensors = _base_tensors(kt)
-    for name in kt.peft_param_order:
-        state_dict[prefix + name] = tensors[name].bfloat16()
+    for name in _layout_of(kt).names:
+        state_dict[prefix + name] = tensors[name] if name.endswith("_bias") else tensors[name].bfloat16()
 
 
 def _experts_load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                   error_msgs) -> None:
     """load_state_dict() of a patched experts module packs base weights found under transformers' names."""
-    found = {name: state_dict.pop(prefix + name) for name in _BASE_NAMES if prefix + name in state_dict}
+    kt = _kt_of(module)
+    names = _layout_of(kt).names
+    found = {name: state_dict.pop(prefix + name) for name in names if prefix + name in state_dict}
     if not found:  # a state dict with the LoRA alone
         return
-    if len(found) == 1:
+    if len(found) < len(names):
         raise ValueError(f"state_dict: {prefix}{next(iter(found))} without {prefix}"
-                         f"{next(n for n in _BASE_NAMES if n not in found)}; the experts need both")
-    kt = _kt_of(module)
-    kt.set_weights(ExpertWeights.from_fused(found["gate_up_proj"], found["down_proj"], storage=kt.weights.storage,
-                                            threads=kt._state.threads, partitions=kt.weights.partitions,
-                                            numa=kt.weights.numa))
+                         f"{next(n for n in names if n not in found)}; the experts need {list(names)}")
+    kt.set_weights(_pack(_layout_of(kt).split(found), kt.weights.variant, kt._state.threads, kt.weights.partitions,
+                         kt.weights.numa, storage=kt.weights.storage))
 
 
 def _check_experts_implementation(module, args) -> None:
@@ -390,7 +670,7 @@ def unpatch_model(model: nn.Module, merge_lora: bool = False) -> nn.Module:
         tensors = _base_tensors(kt, merge_lora)
         del module.kt_experts
         _remove_hooks(module)
-        for name in kt.peft_param_order:
+        for name in _layout_of(kt).names:
             setattr(module, name, nn.Parameter(tensors.pop(name).to(dtype=dtype, device=device), requires_grad=False))
         previous = module.__dict__.pop("_kt_previous_experts_implementation", None)
         if module.config._experts_implementation == EXPERTS_IMPLEMENTATION:
@@ -646,6 +926,13 @@ def _write_adapter(model: nn.Module, save_directory) -> None:
     from safetensors.torch import save_file
 
     layers = _patched_layers(model)
+    for path, kt in layers:
+        layout = _layout_of(kt)
+        if layout.is_transposed or not layout.is_concatenated or not layout.has_gate:
+            raise ValueError(f"model: {path} stores its experts as {layout}; the PEFT adapter format is written for "
+                             "gate_up_proj [E, 2I, H] with gate rows first (is_transposed=False, is_concatenated=True, "
+                             "has_gate=True); save the LoRA merged instead: kt_functional.hf.unpatch_model(model, "
+                             "merge_lora=True).save_pretrained(directory)")
     ranks = {kt.lora_rank for _, kt in layers}
     alphas = {kt.lora_alpha for _, kt in layers}
     if len(ranks) > 1 or len(alphas) > 1:
@@ -758,6 +1045,10 @@ def _read_adapter(model: nn.Module, adapter_directory) -> None:
 
     loaded = []
     for path, kt in layers:
+        layout = _layout_of(kt)
+        if layout.is_transposed or not layout.is_concatenated or not layout.has_gate:
+            raise ValueError(f"model: {path} stores its experts as {layout}; load_adapter reads PEFT adapters of "
+                             "gate_up_proj [E, 2I, H] with gate rows first only")
         E, H, I = kt.num_experts, kt.hidden_size, kt.intermediate_size
         prefix = f"base_model.model.{path}"
         pairs = {}
@@ -789,4 +1080,4 @@ def _read_adapter(model: nn.Module, adapter_directory) -> None:
 
 
 __all__ = ["patch_model", "unpatch_model", "load_experts", "save_adapter", "load_adapter", "kt_layers", "torch_lora_twin",
-           "SUPPORTED_ARCHITECTURES", "EXPERTS_IMPLEMENTATION", "ADAPTER_SUBDIR"]
+           "experts_support", "ExpertsLayout", "EXPERTS_IMPLEMENTATION", "ADAPTER_SUBDIR"]

@@ -107,9 +107,10 @@ def _forward_inputs(state: MoEState, x, ids, w):
     check_dtype(w, "w", FLOAT_DTYPES)
     check_shape(w, "w", (T, k), f"[T, k] = {[T, k]} like ids")
     if T:  # range check before the narrowing to int32
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= E:
-            raise ValueError(f"ids: expert ids must be in [-1, {E}) (-1 = unused slot), got values in [{lo}, {hi}]")
+        lo = int(ids.min())
+        if lo < -1:
+            raise ValueError(f"ids: expert ids must be >= -1 (-1 = unused slot; ids >= {E} are expert-parallel "
+                             f"sentinels, skipped like -1), got a minimum of {lo}")
     # The outputs' kind (module docstring): numpy has no bf16, so numpy outputs are all float32.
     meta = {"T": T, "k": k, "x_dtype": x.dtype, "w_dtype": torch.float32 if x_np else w.dtype, "numpy": x_np,
             "device": x.device}
@@ -174,11 +175,12 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
             job, core_cache = _core.submit_forward(
                 part._pool, part.weights.packed, part.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(),
                 T, k, y.data_ptr(), DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward),
+                variant=part.weights.variant_args(),
             )
             jobs.append(job)
             ys.append(y)
             cores.append(core_cache)
-            keep_alive.append(lora_tensors)
+            keep_alive += [lora_tensors, part.weights]  # its biases: read by the job until it ends
     cache = MoECache(tuple(cores), state, meta, state.lora_stamp()) if save_for_backward else None
     return ForwardHandle(jobs, ys, cache, keep_alive, meta)
 
@@ -186,7 +188,8 @@ def moe_forward_async(state: MoEState, x, ids, w, *, save_for_backward: bool = T
 def moe_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
     """y = MoE expert layer (MATH.md) of x routed by (ids, w); returns (y, cache or None).
 
-    x [T, H] bf16/fp32, ids [T, k] int32/int64 (-1 = unused slot), w [T, k] fp32/bf16;
+    x [T, H] bf16/fp32, ids [T, k] int32/int64 (-1 = unused slot; ids >= E, expert-parallel sentinels, are
+    skipped like -1), w [T, k] fp32/bf16;
     torch tensors (any device, any strides) or numpy arrays. y has x's dtype and kind.
     """
     return moe_forward_async(state, x, ids, w, save_for_backward=save_for_backward).result()
@@ -231,7 +234,7 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
             # the running job holds them and frees them when done.
             jobs.append(_core.submit_backward(
                 part._pool, part.weights.packed, part.isa, core, gyb.data_ptr(), dx.data_ptr(),
-                DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs,
+                DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=part.weights.variant_args(),
             ))
             outs.append((dx, dw, grads, lora_tensors))  # lora_tensors: read by the job until it ends
     for job in jobs:
@@ -260,3 +263,117 @@ def _reduce_partitions(grads: list[torch.Tensor], axis: int | None) -> torch.Ten
     for g in grads[1:]:
         total = total + g
     return total
+
+
+# ---- The split path: the layer in two kernel calls around a gate function computed by the caller -------------
+#
+# moe_gate_up_forward gives each routed slot's pre-activations g | u (LoRA and biases included); the caller
+# computes h from them (e.g. an experts module's own _apply_gate, under torch autograd); moe_down_forward
+# runs down + LoRA + the weighted sum. Backwards in reverse: moe_down_backward gives dh (w applied) and dw,
+# the caller's autograd turns dh into dg | du, moe_gate_up_backward gives dx. Each LoRA gradient comes from
+# the part that uses it (gate / up from the gate_up part, down from the down part); the others are zero.
+
+_PART_GATE_UP, _PART_DOWN = 1, 2
+
+
+def _split_cache(cache, state, meta, part: int):
+    return MoECache((cache,), state, {**meta, "part": part}, state.lora_stamp())
+
+
+def _split_call(state: MoEState) -> tuple:
+    """(pointers of the state's LoRA as the tensors are now, the tensors to keep alive meanwhile)."""
+    calls = state.calls()
+    if len(calls) != 1:
+        raise ValueError(f"state: the split path runs unpartitioned states, got {len(calls)} partitions")
+    return calls[0][1:]
+
+
+def moe_gate_up_forward(state: MoEState, x, ids, w, *, save_for_backward: bool = True):
+    """(gate_up [T, k, 2I] fp32: g in [..., :I], u in [..., I:] of each slot, zero where the slot has no
+    route; cache or None) of the split path."""
+    state = _check_state(state)
+    xb, ids32, wf, meta = _forward_inputs(state, x, ids, w)
+    T, k, I = meta["T"], meta["k"], state.weights.intermediate_size
+    lora_args, lora_tensors = _split_call(state)
+    out = torch.zeros(T, k, 2 * I)
+    job, core = _core.submit_forward(
+        state._pool, state.weights.packed, state.isa, xb.data_ptr(), ids32.data_ptr(), wf.data_ptr(), T, k, 0,
+        DTYPE_CODE[torch.float32], lora_args, bool(save_for_backward), variant=state.weights.variant_args(),
+        part=_PART_GATE_UP, gate_up_out=out.data_ptr())
+    job.wait()
+    return out, (_split_cache(core, state, meta, _PART_GATE_UP) if save_for_backward else None)
+
+
+def moe_down_forward(state: MoEState, h, ids, w, *, save_for_backward: bool = True):
+    """(y [T, H] in h's dtype, cache or None) of the split path, from h [T, k, I] per slot (bf16 or fp32)."""
+    state = _check_state(state)
+    E, H, I = state.weights.num_experts, state.weights.hidden_size, state.weights.intermediate_size
+    h, _ = as_tensor(h, "h")
+    check_dtype(h, "h", FLOAT_DTYPES)
+    if h.dim() != 3 or h.shape[2] != I:
+        raise ValueError(f"h: expected shape [T, k, I] with I = {I}, got {list(h.shape)}")
+    T, k = h.shape[:2]
+    _, ids32, wf, meta = _forward_inputs(state, torch.zeros(T, H, dtype=h.dtype), ids, w)
+    if ids32.shape[1] != k:
+        raise ValueError(f"ids: expected shape [T, k] = {[T, k]} like h, got {list(ids32.shape)}")
+    hb = cpu_contiguous(h, torch.bfloat16)
+    lora_args, lora_tensors = _split_call(state)
+    y = torch.empty(T, H, dtype=h.dtype)
+    job, core = _core.submit_forward(
+        state._pool, state.weights.packed, state.isa, 0, ids32.data_ptr(), wf.data_ptr(), T, k, y.data_ptr(),
+        DTYPE_CODE[y.dtype], lora_args, bool(save_for_backward), variant=state.weights.variant_args(),
+        part=_PART_DOWN, h_in=hb.data_ptr())
+    job.wait()
+    return y, (_split_cache(core, state, {**meta, "x_dtype": h.dtype}, _PART_DOWN) if save_for_backward else None)
+
+
+def _split_backward(state: MoEState, cache, part: int, gy=None, dgate_up=None):
+    state = _check_state(state)
+    if not isinstance(cache, MoECache) or cache._meta.get("part") != part:
+        which = {_PART_GATE_UP: "moe_gate_up_forward", _PART_DOWN: "moe_down_forward"}[part]
+        raise TypeError(f"cache: expected the MoECache returned by {which}(save_for_backward=True)")
+    if cache.consumed:
+        raise ValueError(_core.CACHE_CONSUMED)
+    if cache._state_token is not state._token:
+        raise ValueError("cache: it was made by a different MoEState")
+    if cache._lora_key != (state.lora_stamp() or (None, None))[0]:
+        raise ValueError("state.lora: a LoRA tensor was modified in place or replaced between the forward and the "
+                         "backward")
+    meta = cache._meta
+    T, k, H, I = meta["T"], meta["k"], state.weights.hidden_size, state.weights.intermediate_size
+    lora_args, lora_tensors = _split_call(state)
+    grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
+    grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
+    dw = torch.zeros(T, k)
+    dx = torch.zeros(T, H, dtype=meta["x_dtype"])
+    dh = torch.zeros(T, k, I) if part == _PART_DOWN else None
+    if part == _PART_DOWN:
+        gy, _ = as_tensor(gy, "gy")
+        check_dtype(gy, "gy", FLOAT_DTYPES)
+        check_shape(gy, "gy", (T, H), f"[T, H] = {[T, H]} like the forward's y")
+        src, dgu = cpu_contiguous(gy, torch.bfloat16), 0
+    else:
+        dgate_up, _ = as_tensor(dgate_up, "dgate_up")
+        check_dtype(dgate_up, "dgate_up", FLOAT_DTYPES)
+        check_shape(dgate_up, "dgate_up", (T, k, 2 * I), f"[T, k, 2I] = {[T, k, 2 * I]} like the forward's output")
+        src = cpu_contiguous(dgate_up, torch.bfloat16)
+        dgu = src.data_ptr()
+    job = _core.submit_backward(
+        state._pool, state.weights.packed, state.isa, cache._core, src.data_ptr() if part == _PART_DOWN else 0,
+        dx.data_ptr(), DTYPE_CODE[dx.dtype], dw.data_ptr(), lora_args, grad_ptrs, variant=state.weights.variant_args(),
+        dh_out=0 if dh is None else dh.data_ptr(), dgu_in=dgu)
+    job.wait()
+    lora = LoRAGrads(*grads) if grads else None
+    return Grads(x=dh if part == _PART_DOWN else dx, w=dw.to(meta["w_dtype"]) if part == _PART_DOWN else None,
+                 lora=lora)
+
+
+def moe_down_backward(state: MoEState, cache: MoECache, gy) -> Grads:
+    """Of moe_down_forward: Grads(x=dh [T, k, I] fp32 (w applied), w=dw, lora=the down LoRA's gradients)."""
+    return _split_backward(state, cache, _PART_DOWN, gy=gy)
+
+
+def moe_gate_up_backward(state: MoEState, cache: MoECache, dgate_up) -> Grads:
+    """Of moe_gate_up_forward, given dgate_up [T, k, 2I] (dg | du): Grads(x=dx, w=None, lora=the gate and up
+    LoRA's gradients)."""
+    return _split_backward(state, cache, _PART_GATE_UP, dgate_up=dgate_up)

@@ -79,20 +79,54 @@ def _lora_scale(lora, scale):
 
 def _check_ids(ids, E):
     ids = _as_tensor(ids).to(torch.int64)
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= E):
-        raise ValueError(f"ids must be in [-1, {E}); got range [{int(ids.min())}, {int(ids.max())}]")
-    return ids
+    if ids.numel() and int(ids.min()) < -1:
+        raise ValueError(f"ids must be >= -1; got minimum {int(ids.min())}")
+    return ids  # ids >= E are expert-parallel sentinels: no expert loop below matches them
+
+
+# MATH.md "Activations and derivatives", literally (autograd differentiates them).
+_SQRT_2_OVER_PI = (2.0 / torch.pi) ** 0.5
+_ACTIVATIONS = {
+    "silu": lambda z, a: z * torch.sigmoid(z),
+    "swish": lambda z, a: z * torch.sigmoid(a * z),
+    "quick_gelu": lambda z, a: z * torch.sigmoid(1.702 * z),
+    "gelu": lambda z, a: z * 0.5 * (1.0 + torch.erf(z / 2.0 ** 0.5)),
+    "gelu_tanh": lambda z, a: 0.5 * z * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3))),
+    "relu": lambda z, a: torch.clamp(z, min=0.0),
+    "relu2": lambda z, a: torch.clamp(z, min=0.0) ** 2,
+}
+
+
+def _hidden(g, u, variant):
+    """h of MATH.md's "Expert variants" table: gated act(min(g, L)) * (clamp(u, -L, L) + offset), or act(u)."""
+    if variant is None:
+        return g * torch.sigmoid(g) * u
+    if callable(variant):  # a gate function of its own (the split path's)
+        return variant(g, u)
+    act = _ACTIVATIONS[variant.activation]
+    alpha = getattr(variant, "alpha", None)
+    if not variant.gated:
+        return act(u, alpha)
+    limit = getattr(variant, "limit", None)
+    if limit is not None:
+        g = torch.clamp(g, max=limit)
+        u = torch.clamp(u, min=-limit, max=limit)
+    return act(g, alpha) * (u + getattr(variant, "up_offset", 0.0))
 
 
 # ----------------------------------------------------------------------------- reference
-def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None):
+def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None, variant=None, biases=None):
     """float32 forward of MATH.md.
 
-    x [T,H], ids [T,k] (-1 = unused slot), w [T,k], gate/up [E,I,H], down [E,H,I];
-    lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r], up_a [E,r,H], up_b [E,I,r],
-    down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  Every input is upcast to float32
-    (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
+    x [T,H], ids [T,k] (-1 = unused slot, >= E = sentinel, both skipped), w [T,k], gate/up [E,I,H],
+    down [E,H,I] (gate unused when not gated); lora: mapping or object with gate_a [E,r,H], gate_b [E,I,r],
+    up_a [E,r,H], up_b [E,I,r], down_a [E,r,I], down_b [E,H,r]; scale = alpha / r.  variant: None
+    (SwiGLU), an object with gated, activation, alpha, limit, up_offset (MATH.md "Expert variants") or a
+    function (g, u) -> h;
+    biases: None or a mapping with any of "gate" [E,I], "up" [E,I], "down" [E,H].  Every input is
+    upcast to float32 (differentiably, so autograd can flow to float32 leaves).  Returns y [T,H] float32.
     """
+    biases = {k: _f32(v) for k, v in (biases or {}).items() if v is not None}
     x = _f32(x)
     w = _f32(w)
     gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
@@ -118,16 +152,22 @@ def moe_reference(x, ids, w, gate, up, down, lora=None, scale=None):
             a_u = xe @ Au[e].T
             g = g + s * (a_g @ Bg[e].T)
             u = u + s * (a_u @ Bu[e].T)
-        h = g * torch.sigmoid(g) * u                      # silu(g) * u
+        if "gate" in biases:
+            g = g + biases["gate"][e]
+        if "up" in biases:
+            u = u + biases["up"][e]
+        h = _hidden(g, u, variant)                        # silu(g) * u by default
         o = h @ Wd.T                                      # [n, H]
         if lora is not None:
             a_d = h @ Ad[e].T
             o = o + s * (a_d @ Bd[e].T)
+        if "down" in biases:
+            o = o + biases["down"][e]
         y = y.index_add(0, tok, we * o)
     return y
 
 
-def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy):
+def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
     """Gradients of ``sum(moe_reference(...) * gy)`` by torch autograd, all float32.
 
     Leaves are float32 copies of x, w and the six LoRA tensors.  Returns a dict with "x"
@@ -148,7 +188,7 @@ def moe_reference_grads(x, ids, w, gate, up, down, lora, scale, gy):
     else:
         s = None
     with torch.enable_grad():
-        y = moe_reference(leaves["x"], ids, leaves["w"], gate, up, down, lora32, s)
+        y = moe_reference(leaves["x"], ids, leaves["w"], gate, up, down, lora32, s, variant, biases)
         gy32 = _as_tensor(gy).detach().to(torch.float32)
         if y.requires_grad:
             params = list(leaves.values())
@@ -173,11 +213,13 @@ def rel_err(out, ref):
     return torch.linalg.vector_norm(out - ref).item() / nref
 
 
-def moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy):
+def moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
     """Per routed pair (t, j), float32, written from MATH.md's forward and backward:
-    ``h = silu(g) * u`` and ``dh_raw = Wd^T gy_t + s Ad^T (Bd^T gy_t)``, both [T, k, I]
-    (zero at -1 slots).  ``dw = (dh_raw * h).sum(-1)``.  ``w`` is unused (dh_raw is unweighted): the
-    arguments are those of :func:`moe_reference_grads`."""
+    ``h = silu(g) * u`` (or the variant's h, biases included) and ``dh_raw = Wd^T gy_t + s Ad^T (Bd^T gy_t)``,
+    both [T, k, I] (zero at -1 and sentinel slots).  ``dw = (dh_raw * h).sum(-1)`` (+ ``gy_t . bd`` with a
+    down bias).  ``w`` is unused (dh_raw is unweighted): the arguments are those of
+    :func:`moe_reference_grads`."""
+    biases = {k: _f32(v).detach() for k, v in (biases or {}).items() if v is not None}
     x, gy = _f32(x).detach(), _f32(gy).detach()
     gate, up, down = _as_tensor(gate), _as_tensor(up), _as_tensor(down)
     E, I = gate.shape[0], gate.shape[1]
@@ -200,16 +242,28 @@ def moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy):
             g = g + s * ((xe @ Ag[e].T) @ Bg[e].T)
             u = u + s * ((xe @ Au[e].T) @ Bu[e].T)
             d = d + s * ((gye @ Bd[e]) @ Ad[e])
-        h[tok, slot] = g * torch.sigmoid(g) * u
+        if "gate" in biases:
+            g = g + biases["gate"][e]
+        if "up" in biases:
+            u = u + biases["up"][e]
+        h[tok, slot] = _hidden(g, u, variant)
         dh_raw[tok, slot] = d
     return h, dh_raw
 
 
-def dw_magnitude(x, ids, w, gate, up, down, lora, scale, gy):
-    """``m[t, j] = sum_i |dh_raw[i]| |h[i]|`` [T, k] (0 at -1 slots): dw is a dot product over I,
-    and MATH.md bounds its error by that of the magnitudes, ``||dw - ref|| <= 1e-2 ||m||``."""
-    h, dh_raw = moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy)
-    return (dh_raw.abs() * h.abs()).sum(-1)
+def dw_magnitude(x, ids, w, gate, up, down, lora, scale, gy, variant=None, biases=None):
+    """``m[t, j] = sum_i |dh_raw[i]| |h[i]|`` [T, k] (0 at -1 slots), plus ``sum_h |gy_t[h]| |bd[h]|`` with a
+    down bias: dw is a dot product, and MATH.md bounds its error by that of the magnitudes,
+    ``||dw - ref|| <= 1e-2 ||m||``."""
+    h, dh_raw = moe_reference_pairs(x, ids, w, gate, up, down, lora, scale, gy, variant, biases)
+    m = (dh_raw.abs() * h.abs()).sum(-1)
+    if biases and biases.get("down") is not None:
+        ids = _as_tensor(ids).to(torch.int64)
+        bd = _f32(biases["down"]).detach().abs()
+        routed = (ids >= 0) & (ids < bd.shape[0])
+        gy = _f32(gy).detach().abs()
+        m = m + torch.where(routed, (gy[:, None, :] * bd[ids.clamp(0, bd.shape[0] - 1)]).sum(-1), 0.0)
+    return m
 
 
 def dw_err(out, ref, m):

@@ -50,6 +50,73 @@ def check_lora_options(lora_rank, lora_alpha) -> tuple[int | None, float]:
     return lora_rank, check_alpha(lora_alpha, lora_rank, "lora_alpha")
 
 
+# Activations of the kernels' epilogues -> (kt::Activation code, the swish alpha it implies or None).
+ACTIVATIONS = {
+    "silu": (0, 1.0), "quick_gelu": (0, 1.702), "swish": (0, None), "gelu": (1, None), "gelu_tanh": (2, None),
+    "relu": (3, None), "relu2": (4, None),
+}
+
+
+@dataclass(frozen=True)
+class ExpertVariant:
+    """What an expert computes between its projections (MATH.md, "Expert variants").
+
+    gated: h = act(min(g, limit)) * (clamp(u, -limit, limit) + up_offset); not gated: h = act(u) (one
+    projection; gate is unused). activation: silu, gelu (erf), gelu_tanh (gelu_pytorch_tanh / gelu_new),
+    quick_gelu, relu, relu2 (squared ReLU), or swish (z * sigmoid(alpha z), gpt-oss with alpha=1.702).
+    limit: None for no clamp (gated only). The default is SwiGLU.
+    """
+
+    gated: bool = True
+    activation: str = "silu"
+    alpha: float | None = None
+    limit: float | None = None
+    up_offset: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.gated, bool):
+            raise TypeError(f"gated: expected a bool, got {self.gated!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.activation == "swish":
+            if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+                raise ValueError(f"alpha: activation 'swish' needs a finite alpha, got {self.alpha!r}")
+            object.__setattr__(self, "alpha", float(self.alpha))
+        elif self.alpha is not None:
+            raise ValueError(f"alpha: only activation 'swish' takes an alpha, got {self.alpha!r} for "
+                             f"{self.activation!r}")
+        if self.limit is not None:
+            if not self.gated:
+                raise ValueError("limit: clamps apply to gated experts only (gated=False)")
+            if not isinstance(self.limit, (int, float)) or not self.limit > 0:
+                raise ValueError(f"limit: expected a number > 0 or None, got {self.limit!r}")
+            object.__setattr__(self, "limit", float(self.limit))
+        if not isinstance(self.up_offset, (int, float)) or not math.isfinite(self.up_offset):
+            raise TypeError(f"up_offset: expected a finite number, got {self.up_offset!r}")
+        if self.up_offset and not self.gated:
+            raise ValueError("up_offset: applies to gated experts only (gated=False)")
+        object.__setattr__(self, "up_offset", float(self.up_offset))
+
+    def kernel_args(self) -> tuple:
+        """(gated, activation code, alpha, limit, up_offset) as the kernels take them."""
+        code, implied_alpha = ACTIVATIONS[self.activation]
+        alpha = self.alpha if implied_alpha is None and self.alpha is not None else (implied_alpha or 1.0)
+        limit = math.inf if self.limit is None else self.limit
+        return self.gated, code, alpha, limit, self.up_offset
+
+
+SWIGLU = ExpertVariant()
+
+
+def _bias(value, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = _expert_tensor(value, name, dims=2)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    return t.float().contiguous()
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertWeights:
     """The frozen routed-expert weights of one MoE layer, packed once for every ISA path.
@@ -67,6 +134,10 @@ class ExpertWeights:
     parts: tuple = field(default=(), repr=False)  # the ExpertWeights of each slice of I, in order
     part_cpus: tuple = field(default=(), repr=False)  # the CPUs whose workers packed each part (() = any)
     numa: bool = False  # partitioned per NUMA node
+    variant: ExpertVariant = SWIGLU
+    gate_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, I] fp32, frozen
+    up_bias: torch.Tensor | None = field(default=None, repr=False)    # [E, I]
+    down_bias: torch.Tensor | None = field(default=None, repr=False)  # [E, H]
 
     @property
     def partitions(self) -> int:
@@ -92,13 +163,25 @@ class ExpertWeights:
 
     def __reduce__(self):
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        variant = (self.variant, self.gate_bias, self.up_bias, self.down_bias)
         if self.storage != "bf16" and self.parts:  # each part pickles its own packed bytes
-            return _unpickle_quantized_parts, (E, H, I, self.parts, self.part_cpus, self.numa)
+            return _unpickle_quantized_parts, (E, H, I, self.parts, self.part_cpus, self.numa, *variant)
         if self.storage != "bf16":
             return _unpickle_quantized, (E, H, I, self.packed.storage, self.packed.scale_type,
-                                         *self.packed.quantized_bytes())
+                                         *self.packed.quantized_bytes(), *variant)
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
-        return _unpickle_expert_weights, (gate, up, down, self.backward_weights, self.partitions, self.numa)
+        return _unpickle_expert_weights, (gate if self.variant.gated else None, up, down, self.backward_weights,
+                                          self.partitions, self.numa, self.variant, self.gate_bias, self.up_bias,
+                                          self.down_bias)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
+
+    def variant_args(self) -> tuple:
+        """The variant and the bias pointers (0: none) as the kernels take them (of a part, for partitions)."""
+        ptrs = tuple(0 if b is None else b.data_ptr() for b in (self.gate_bias, self.up_bias, self.down_bias))
+        return self.variant.kernel_args() + ptrs
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by.
@@ -116,11 +199,15 @@ class ExpertWeights:
 
     @classmethod
     def from_tensors(cls, gate, up, down, *, storage: str = "bf16", threads: int | None = None,
-                     backward_weights: str = "on_the_fly", partitions: int = 1, numa: bool = False) -> "ExpertWeights":
-        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides), torch or numpy.
+                     backward_weights: str = "on_the_fly", partitions: int = 1, numa: bool = False,
+                     variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None, down_bias=None) -> "ExpertWeights":
+        """gate, up: [E, I, H]; down: [E, H, I]; bf16 or fp32 (any strides: transposed or interleaved
+        storage is read straight into the packed layout), torch or numpy.
 
         storage: "bf16" packs the values as they are (fp32 rounded to bf16); "int8", "fp8_block",
         "int4_group", "mxfp4" quantize them first (kt_functional.quant) and pack that format.
+        variant: what the experts compute (ExpertVariant; SwiGLU by default); a non-gated variant takes
+        gate=None. gate_bias, up_bias [E, I] and down_bias [E, H]: frozen biases (kept in fp32).
         One packed copy: the backward GEMMs transpose it per (expert, column block) on the fly.
         backward_weights="resident" also keeps the transposed layout (twice the memory; bf16 only).
         partitions=N / numa=True: one packed copy per slice of I instead, each packed by its partition's
@@ -133,33 +220,55 @@ class ExpertWeights:
         if storage != "bf16" and backward_weights != "on_the_fly":
             raise ValueError(f"backward_weights: 'resident' keeps a transposed bf16 copy; storage={storage!r} "
                              "decodes its operands on the fly only")
-        gate = _expert_tensor(gate, "gate")
+        if not isinstance(variant, ExpertVariant):
+            raise TypeError(f"variant: expected ExpertVariant, got {type(variant).__name__}")
+        if variant.gated:
+            gate = _expert_tensor(gate, "gate")
+        elif gate is not None:
+            raise ValueError("gate: a non-gated variant (variant.gated=False) has no gate projection; pass None")
         up = _expert_tensor(up, "up")
         down = _expert_tensor(down, "down")
-        E, I, H = gate.shape
-        if tuple(up.shape) != (E, I, H):
+        E, I, H = (gate if variant.gated else up).shape
+        if not variant.gated:  # the gate panels stay zero: a stride-0 view costs no memory
+            gate = torch.zeros(1, 1, 1, dtype=up.dtype).expand(E, I, H)
+        elif tuple(up.shape) != (E, I, H):
             raise ValueError(f"up: expected shape [E, I, H] = {[E, I, H]} like gate, got {list(up.shape)}")
         if tuple(down.shape) != (E, H, I):
             raise ValueError(f"down: expected shape [E, H, I] = {[E, H, I]}, got {list(down.shape)}")
         if min(E, I, H) < 1:
-            raise ValueError(f"gate: every dimension must be >= 1, got {[E, I, H]}")
+            raise ValueError(f"{'gate' if variant.gated else 'up'}: every dimension must be >= 1, got {[E, I, H]}")
+        if gate_bias is not None and not variant.gated:
+            raise ValueError("gate_bias: a non-gated variant has no gate projection")
+        gate_bias, up_bias, down_bias = (_bias(gate_bias, "gate_bias", (E, I)), _bias(up_bias, "up_bias", (E, I)),
+                                         _bias(down_bias, "down_bias", (E, H)))
         threads = resolve_threads(threads)
         plan = _partition_plan(I, threads, partitions, numa)
         if plan is None:
-            return cls._pack(gate, up, down, _core.Pool(threads), backward_weights, storage)
-        parts = tuple(cls._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool, backward_weights, storage)
+            return cls._pack(gate, up, down, _core.Pool(threads), backward_weights, variant, gate_bias, up_bias,
+                             down_bias, storage)
+
+        def cut(bias, lo, hi):
+            return None if bias is None else bias[:, lo:hi].contiguous()
+
+        # Slices of I: the gate / up biases are sliced with them; the down bias is added once (first part).
+        parts = tuple(cls._pack(gate[:, lo:hi], up[:, lo:hi], down[:, :, lo:hi], pool, backward_weights, variant,
+                                cut(gate_bias, lo, hi), cut(up_bias, lo, hi), down_bias if lo == 0 else None, storage)
                       for (lo, hi), pool in zip(plan.ranges, _partition_pools(plan.threads, plan.cpus)))
-        return cls(None, E, H, I, backward_weights, parts, plan.cpus, numa)
+        return cls(None, E, H, I, backward_weights, parts, plan.cpus, numa, variant=variant, gate_bias=gate_bias,
+                   up_bias=up_bias, down_bias=down_bias)
 
     @classmethod
-    def _pack(cls, gate, up, down, pool: _core.Pool, backward_weights: str, storage: str = "bf16") -> "ExpertWeights":
+    def _pack(cls, gate, up, down, pool: _core.Pool, backward_weights: str, variant: ExpertVariant = SWIGLU,
+              gate_bias=None, up_bias=None, down_bias=None, storage: str = "bf16") -> "ExpertWeights":
         """Packs checked tensors on pool's workers (so the pages are first touched where they run)."""
-        E, I, H = gate.shape
+        E, I, H = up.shape
         if storage != "bf16":
-            return cls._pack_quantized(storage, *(quant.quantize(storage, t) for t in (gate, up, down)), pool)
+            return cls._pack_quantized(storage, *(quant.quantize(storage, t) for t in (gate, up, down)), pool,
+                                       variant=variant, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
         packed = _core.PackedExperts(E, H, I, _spec(gate), _spec(up), _spec(down), pool,
                                      backward_weights == "resident")
-        return cls(packed, E, H, I, backward_weights)
+        return cls(packed, E, H, I, backward_weights, variant=variant, gate_bias=gate_bias, up_bias=up_bias,
+                   down_bias=down_bias)
 
     @classmethod
     def from_fused(cls, gate_up, down, *, storage: str = "bf16", threads: int | None = None,
@@ -193,7 +302,7 @@ class ExpertWeights:
         return cls._pack_quantized(storage, gate, up, down, _core.Pool(threads))
 
     @classmethod
-    def _pack_quantized(cls, storage: str, gate, up, down, pool: _core.Pool) -> "ExpertWeights":
+    def _pack_quantized(cls, storage: str, gate, up, down, pool: _core.Pool, **variant) -> "ExpertWeights":
         E, H, I = quant.infer_dims(storage, gate, up, down)
         g = quant.check_projection(storage, gate, "gate", E, I, H)
         u = quant.check_projection(storage, up, "up", E, I, H)
@@ -205,22 +314,28 @@ class ExpertWeights:
         packed = _core.pack_quantized(E, H, I, quant.STORAGE_CODE[storage], scale_type,
                                       tuple(t.data_ptr() for t in g), tuple(t.data_ptr() for t in u),
                                       tuple(t.data_ptr() for t in d), pool)
-        return cls(packed, E, H, I)
+        return cls(packed, E, H, I, **variant)
 
 
-def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: int = 1,
-                             numa: bool = False) -> ExpertWeights:
+def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: int = 1, numa: bool = False,
+                             variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None,
+                             down_bias=None) -> ExpertWeights:
     return ExpertWeights.from_tensors(gate, up, down, backward_weights=backward_weights, partitions=partitions,
-                                      numa=numa)
+                                      numa=numa, variant=variant, gate_bias=gate_bias, up_bias=up_bias,
+                                      down_bias=down_bias)
 
 
-def _unpickle_quantized(E: int, H: int, I: int, storage: int, scale_type: int, gate_up: bytes,
-                        down: bytes) -> ExpertWeights:
-    return ExpertWeights(_core.restore_quantized(E, H, I, storage, scale_type, gate_up, down), E, H, I)
+def _unpickle_quantized(E: int, H: int, I: int, storage: int, scale_type: int, gate_up: bytes, down: bytes,
+                        variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None, down_bias=None) -> ExpertWeights:
+    return ExpertWeights(_core.restore_quantized(E, H, I, storage, scale_type, gate_up, down), E, H, I,
+                         variant=variant, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
 
 
-def _unpickle_quantized_parts(E: int, H: int, I: int, parts: tuple, part_cpus: tuple, numa: bool) -> ExpertWeights:
-    return ExpertWeights(None, E, H, I, "on_the_fly", parts, part_cpus, numa)
+def _unpickle_quantized_parts(E: int, H: int, I: int, parts: tuple, part_cpus: tuple, numa: bool,
+                              variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None,
+                              down_bias=None) -> ExpertWeights:
+    return ExpertWeights(None, E, H, I, "on_the_fly", parts, part_cpus, numa, variant=variant, gate_bias=gate_bias,
+                         up_bias=up_bias, down_bias=down_bias)
 
 
 _LORA_NAMES = ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b")
@@ -422,8 +537,9 @@ def _repartitioned(weights: ExpertWeights, threads: int, partitions: int, numa: 
     if (partitions, numa) not in cached:
         gate, up, down = weights.dequantize()  # exact bf16 values; one layer in fp32 while packing
         cached[(partitions, numa)] = ExpertWeights.from_tensors(
-            gate, up, down, threads=threads, backward_weights=weights.backward_weights, partitions=partitions,
-            numa=numa)
+            gate if weights.variant.gated else None, up, down, threads=threads,
+            backward_weights=weights.backward_weights, partitions=partitions, numa=numa, variant=weights.variant,
+            gate_bias=weights.gate_bias, up_bias=weights.up_bias, down_bias=weights.down_bias)
     return cached[(partitions, numa)]
 
 
@@ -532,4 +648,4 @@ class MoEState:
         return tuple((t._version, t.data_ptr(), t.stride()) for t in tensors), [t.detach() for t in tensors]
 
 
-__all__ = ["ExpertWeights", "LoRA", "MoEState", "numa_nodes"]
+__all__ = ["ExpertVariant", "ExpertWeights", "LoRA", "MoEState", "numa_nodes", "ACTIVATIONS"]

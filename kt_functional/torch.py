@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ops import MoECache, moe_backward, moe_forward
 from ._convert import check_alpha
+from .ops import (MoECache, moe_backward, moe_down_backward, moe_down_forward, moe_forward, moe_gate_up_backward,
+                  moe_gate_up_forward)
 from .state import (_LORA_NAMES, MAX_LORA_RANK, ExpertWeights, LoRA, MoEState, check_lora_options,
                     resolve_threads)
 
@@ -199,6 +200,63 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, layer: int,
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+class _GateUpPart(torch.autograd.Function):
+    """The split path's first kernel call: g | u per slot [T, k, 2I] (fp32), differentiable in x and the gate
+    and up LoRA."""
+
+    @staticmethod
+    def forward(ctx, x, ids, w, layer, alpha, save, *lora):
+        state = _state_with(layer, list(lora), alpha)
+        gate_up, cache = moe_gate_up_forward(state, x, ids, w, save_for_backward=save)
+        ctx.state, ctx.cache, ctx.x_dtype = state, cache, x.dtype
+        ctx.lora_dtypes = [t.dtype for t in lora]
+        return gate_up
+
+    @staticmethod
+    def backward(ctx, dgate_up):
+        grads = moe_gate_up_backward(ctx.state, ctx.cache, dgate_up)
+        lora = [getattr(grads.lora, n).to(d) if n[:2] in ("ga", "up") else None
+                for n, d in zip(_LORA_NAMES, ctx.lora_dtypes)] if ctx.lora_dtypes else []
+        return (grads.x.to(ctx.x_dtype), None, None, None, None, None, *lora)
+
+
+class _DownPart(torch.autograd.Function):
+    """The split path's second kernel call: y [T, H] from h per slot [T, k, I], differentiable in h, w and the
+    down LoRA."""
+
+    @staticmethod
+    def forward(ctx, h, ids, w, layer, alpha, save, *lora):
+        state = _state_with(layer, list(lora), alpha)
+        y, cache = moe_down_forward(state, h, ids, w, save_for_backward=save)
+        ctx.state, ctx.cache, ctx.h_dtype, ctx.w_dtype = state, cache, h.dtype, w.dtype
+        ctx.lora_dtypes = [t.dtype for t in lora]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        grads = moe_down_backward(ctx.state, ctx.cache, gy)
+        lora = [getattr(grads.lora, n).to(d) if n.startswith("down") else None
+                for n, d in zip(_LORA_NAMES, ctx.lora_dtypes)] if ctx.lora_dtypes else []
+        return (grads.x.to(ctx.h_dtype), None, grads.w.to(ctx.w_dtype), None, None, None, *lora)
+
+
+def split_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, layer: int, gate_fn,
+                  lora: list[torch.Tensor] | tuple = (), alpha: float = 32.0) -> torch.Tensor:
+    """The expert layer with a gate function computed in torch: the kernels compute g, u (LoRA and biases
+    included) per routed slot, h = gate_fn(g, u) ([T, k, I] each, under autograd), the kernels compute down.
+    y has x's dtype."""
+    out_dtype = x.dtype
+    x, w = _kernel_dtype(x), _kernel_dtype(w)
+    lora = [_kernel_dtype(t) for t in lora]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in [x, w, *lora])
+    gate_up = _GateUpPart.apply(x, ids, w, layer, float(alpha), save, *lora)
+    I = gate_up.shape[-1] // 2
+    h = gate_fn(gate_up[..., :I], gate_up[..., I:])
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in [h, w, *lora])
+    y = _DownPart.apply(h.float(), ids, w, layer, float(alpha), save, *lora)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
 class KTExperts(nn.Module):
     """The routed experts of one MoE layer: packed frozen weights on the CPU plus trainable LoRA.
 
@@ -273,8 +331,15 @@ class KTExperts(nn.Module):
     def lora_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in _LORA_NAMES] if self.lora_rank else []
 
+    # A gate function computed in torch (the split path: split_experts) instead of the kernels' epilogue:
+    # gate_fn(g, u) -> h, [T, k, I] each; None runs the whole layer in the kernels.
+    gate_fn = None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.gate_fn is not None:
+            return split_experts(hidden_states, top_k_index, top_k_weights, self._layer, self.gate_fn,
+                                 self.lora_tensors(), self.lora_alpha)
         return moe_experts(hidden_states, top_k_index, top_k_weights, self._layer, self.lora_tensors(),
                            self.lora_alpha)
 
@@ -282,7 +347,8 @@ class KTExperts(nn.Module):
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, lora_rank={self.lora_rank}, "
                 f"lora_alpha={self.lora_alpha}, threads={self._state.threads}, isa={self._state.isa!r}, "
+                f"gate={'kernels' if self.gate_fn is None else self.gate_fn!r}, "
                 f"packed={self.weights.nbytes / 2**20:.1f} MiB")
 
 
-__all__ = ["KTExperts", "moe_experts", "register_layer", "live_residuals", "MAX_LORA_RANK"]
+__all__ = ["KTExperts", "moe_experts", "split_experts", "register_layer", "live_residuals", "MAX_LORA_RANK"]

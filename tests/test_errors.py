@@ -59,7 +59,6 @@ BAD_FORWARD = {
     "ids_float": ("ids", lambda p: dict(ids=p.ids.float())),
     "ids_1d": ("ids", lambda p: dict(ids=p.ids[:, 0])),
     "ids_wrong_T": ("ids", lambda p: dict(ids=p.ids[:-1], w=p.w[:-1])),
-    "ids_ge_E": ("ids", lambda p: dict(ids=torch.where(torch.arange(p.k) == 0, p.E, p.ids))),
     "ids_lt_minus1": ("ids", lambda p: dict(ids=torch.where(torch.arange(p.k) == 1, -2, p.ids))),
     "ids_string": ("ids", lambda p: dict(ids="junk")),
     "ids_w_shape_mismatch": (("ids", "w"), lambda p: dict(w=torch.ones(p.T, p.k + 1))),

@@ -63,15 +63,75 @@ def test_patch_matches_torch_lora(arch):
         assert rel_err(g, ref_grads[key]) <= TOL, key
 
 
-def test_unsupported_architecture_lists_supported():
+def test_model_without_experts_is_an_error():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
-    with pytest.raises(ValueError, match="'llama' is not supported.*qwen3_moe.*mixtral.*deepseek_v3.*olmoe"):
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no routed-experts module"):
         hf.patch_model(AutoModelForCausalLM.from_config(cfg))
     with pytest.raises(TypeError, match="model:"):
         hf.patch_model(torch.nn.Linear(2, 2))
+
+
+def _softcapped_gate(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return 3.0 * torch.tanh(gate / 3.0) * torch.sigmoid(gate) * up
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(has_post_expert_norm=True), r"mlp\.experts \(Qwen3MoeExperts\) has has_post_expert_norm=True; "
+                                      r"kt-functional supports has_post_expert_norm in \[False\]"),
+    (dict(is_transposed="yes"), r"has is_transposed='yes'; kt-functional supports is_transposed in \[True, False\]"),
+])
+def test_unsupported_experts_property_is_named(change, match):
+    """Support is decided by the experts module's properties; an unsupported one is named with the supported values,
+    before any layer is changed."""
+    model = build("qwen3_moe")
+    for key, value in change.items():
+        setattr(model.model.layers[1].mlp.experts, key, value)
+    with pytest.raises(ValueError, match=match):
+        hf.patch_model(model)
+    assert not hf.kt_layers(model)
+
+
+@pytest.mark.parametrize("change", [dict(_apply_gate=_softcapped_gate), dict(act_fn=torch.nn.Tanh())],
+                         ids=["softcapped_apply_gate", "tanh_act_fn"])
+def test_split_path_runs_the_modules_own_gate(change):
+    """A gate function the epilogues do not compute (a custom _apply_gate, an unknown act_fn) runs in torch
+    between the kernels' gate/up and down calls: logits, loss and every LoRA gradient match the torch twin."""
+    base = build("qwen3_moe")
+    for layer in base.model.layers:
+        for key, value in change.items():
+            setattr(layer.mlp.experts, key, value)
+    model = _patched(base)
+    assert all(kt.gate_fn is not None for _, kt in hf.kt_layers(model))
+    twin = torch_twin(base, model)
+    ids = batch()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, twin(ids).logits) <= TOL
+    loss, grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = _loss_and_grads(twin, ids)
+    assert abs(loss - ref_loss) / ref_loss <= TOL
+    for key, g in grads.items():
+        assert rel_err(g, ref_grads[key]) <= TOL, key
+
+
+def test_activation_read_from_the_module():
+    """The activation comes from the experts module's act_fn (not a config field): an experts module whose act_fn
+    computes gelu runs gelu(g) * u, and its results match the torch twin (which calls the module's act_fn)."""
+    from transformers.activations import ACT2FN
+
+    base = build("qwen3_moe")
+    for layer in base.model.layers:
+        layer.mlp.experts.act_fn = ACT2FN["gelu_pytorch_tanh"]
+    assert base.config.hidden_act == "silu"
+    model = _patched(base)
+    assert {kt.weights.variant.activation for _, kt in hf.kt_layers(model)} == {"gelu_tanh"}
+    twin = torch_twin(base, model)
+    ids = batch()
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, twin(ids).logits) <= TOL
 
 
 def test_patch_twice_is_an_error():

@@ -271,3 +271,32 @@ def test_partitioned_quantized_weights(isa, storage):
     back = pickle.loads(pickle.dumps(weights))
     assert back.partitions == 2 and back.storage == storage
     assert all(torch.equal(a, b) for a, b in zip(back.dequantize(), (gate, up, down)))
+
+
+@pytest.mark.parametrize("storage", ["int8", "mxfp4"])
+@pytest.mark.parametrize("args", [dict(activation="swish", alpha=1.702, limit=6.0, up_offset=1.0),
+                                  dict(gated=False, activation="relu")], ids=["gpt_oss", "nongated_relu"])
+def test_quantized_expert_variants(isa, storage, args):
+    """Variants and frozen biases run on quantized weights as on bf16 ones (reference on dequantize())."""
+    from helpers import W_MAGNITUDE
+
+    K = ktf()
+    variant = K.ExpertVariant(**args)
+    prob = make_problem(E=5, H=72, I=40, k=3, T=29, r=3, seed=41)
+    gen = torch.Generator().manual_seed(2)
+    biases = {"up": torch.randn(prob.E, prob.I, generator=gen) * 0.3,
+              "down": torch.randn(prob.E, prob.H, generator=gen) * 0.3}
+    weights = K.ExpertWeights.from_tensors(prob.gate * 3 if variant.gated else None, prob.up * 3, prob.down,
+                                           storage=storage, variant=variant, up_bias=biases["up"],
+                                           down_bias=biases["down"])
+    assert weights.storage == storage and weights.variant == variant
+    gate, up, down = weights.dequantize()
+    gy = make_gy(prob)
+    y, grads = fwd_bwd(K.MoEState(weights, make_lora(prob), threads=2, isa=isa), prob.x, prob.ids, prob.w, gy)
+    refargs = (prob.x, prob.ids, prob.w, gate, up, down, prob.lora, prob.scale)
+    y_ref = ref.moe_reference(*refargs, variant, biases)
+    g_ref = ref.moe_reference_grads(*refargs, gy, variant, biases)
+    g_ref[W_MAGNITUDE] = ref.dw_magnitude(*refargs, gy, variant, biases)
+    assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/{storage}/{variant}]")
+    back = pickle.loads(pickle.dumps(weights))
+    assert back.variant == variant and torch.equal(back.up_bias, weights.up_bias) and back.storage == storage

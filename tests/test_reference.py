@@ -176,11 +176,20 @@ def test_reference_empty_batch():
 
 def test_reference_rejects_bad_ids():
     prob = make_problem(E=4, H=16, I=8, k=2, T=3, r=2, seed=0)
-    for bad in (4, -2):
-        ids = prob.ids.clone()
-        ids[1, 0] = bad
-        with pytest.raises(ValueError, match="ids"):
-            ref.moe_reference(prob.x, ids, prob.w, prob.gate, prob.up, prob.down)
+    ids = prob.ids.clone()
+    ids[1, 0] = -2
+    with pytest.raises(ValueError, match="ids"):
+        ref.moe_reference(prob.x, ids, prob.w, prob.gate, prob.up, prob.down)
+
+
+def test_reference_skips_sentinel_ids():
+    """ids >= E (expert-parallel sentinels, MATH.md) contribute nothing, like -1."""
+    prob = make_problem(E=4, H=16, I=8, k=2, T=3, r=2, seed=0)
+    sentinel, unused = prob.ids.clone(), prob.ids.clone()
+    sentinel[1, 0], unused[1, 0] = 4, -1
+    y_s = ref.moe_reference(prob.x, sentinel, prob.w, prob.gate, prob.up, prob.down)
+    y_u = ref.moe_reference(prob.x, unused, prob.w, prob.gate, prob.up, prob.down)
+    assert torch.equal(y_s, y_u)
 
 
 def test_reference_accepts_lora_object_and_numpy():

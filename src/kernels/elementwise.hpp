@@ -40,12 +40,90 @@ inline float exp_approx(float x) {
 
 inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
 
-void swiglu_forward(const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h) {
-  for (int64_t c = 0; c < n; ++c) {
-    h[c] = to_bf16(gate[c] * sigmoid(gate[c]) * up[c]);
-    if (g) g[c] = to_bf16(gate[c]);
-    if (u) u[c] = to_bf16(up[c]);
+// The activations of ExpertVariant: value and derivative at z (alpha: swish's only parameter).
+struct Swish {
+  static float value(float z, float alpha) { return z * sigmoid(alpha * z); }
+  static float derivative(float z, float alpha, float* value) {
+    float s = sigmoid(alpha * z);
+    *value = z * s;
+    return s + alpha * z * s * (1.0f - s);
   }
+};
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), on exp_approx so the loop vectorizes.
+inline float erf_approx(float x) {
+  float a = x < 0.0f ? -x : x;
+  float t = 1.0f / (1.0f + 0.3275911f * a);
+  float p = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  float r = 1.0f - p * exp_approx(-a * a);
+  return x < 0.0f ? -r : r;
+}
+
+struct Gelu {
+  static float cdf(float z) { return 0.5f * (1.0f + erf_approx(z * 0.70710678f)); }
+  static float value(float z, float) { return z * cdf(z); }
+  static float derivative(float z, float, float* value) {
+    float phi_cdf = cdf(z);
+    *value = z * phi_cdf;
+    return phi_cdf + z * 0.39894228f * exp_approx(-0.5f * z * z);
+  }
+};
+
+struct GeluTanh {
+  static constexpr float kC = 0.79788456f, kK = 0.044715f;
+  static float tanh_inner(float z) {  // tanh(c (z + k z^3)) = 1 - 2 / (exp(2y) + 1)
+    float y = kC * (z + kK * z * z * z);
+    return 1.0f - 2.0f / (exp_approx(2.0f * y) + 1.0f);
+  }
+  static float value(float z, float) { return 0.5f * z * (1.0f + tanh_inner(z)); }
+  static float derivative(float z, float, float* value) {
+    float t = tanh_inner(z);
+    *value = 0.5f * z * (1.0f + t);
+    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * kC * (1.0f + 3.0f * kK * z * z);
+  }
+};
+
+struct Relu {
+  static float value(float z, float) { return z > 0.0f ? z : 0.0f; }
+  static float derivative(float z, float, float* value) {
+    *value = z > 0.0f ? z : 0.0f;
+    return z > 0.0f ? 1.0f : 0.0f;
+  }
+};
+
+struct Relu2 {
+  static float value(float z, float) { return z > 0.0f ? z * z : 0.0f; }
+  static float derivative(float z, float, float* value) {
+    float r = z > 0.0f ? z : 0.0f;
+    *value = r * r;
+    return 2.0f * r;
+  }
+};
+
+// The clamps of gated variants (limit = inf: none): min(g, L), clamp(u, -L, L).
+inline float clamp_gate(float g, float limit) { return g < limit ? g : limit; }
+inline float clamp_up(float u, float limit) { return u < -limit ? -limit : (u > limit ? limit : u); }
+
+// The cache keeps each clamp's decision, made on the fp32 pre-activation: a clamped value is cached as
+// +-inf (clamp_gate / clamp_up of it give the limit back), the others rounded to bf16. Deciding again on
+// the bf16 value would flip the clamp's indicator for values within a rounding step of the limit.
+constexpr float kInf = __builtin_inff();
+inline float cached_gate(float g, float limit) { return g > limit ? kInf : g; }
+inline float cached_up(float u, float limit) { return u > limit ? kInf : (u < -limit ? -kInf : u); }
+
+// Forward epilogue (GateForwardFn) of (Act, gated).
+template <class Act, bool kGated>
+void gate_forward(const ExpertVariant& v, const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h) {
+  const float alpha = v.alpha, limit = v.limit, offset = v.up_offset;
+  for (int64_t c = 0; c < n; ++c) {
+    float hv = kGated ? Act::value(clamp_gate(gate[c], limit), alpha) * (clamp_up(up[c], limit) + offset)
+                      : Act::value(up[c], alpha);
+    h[c] = to_bf16(hv);
+  }
+  if (g)
+    for (int64_t c = 0; c < n; ++c) g[c] = to_bf16(kGated ? cached_gate(gate[c], limit) : gate[c]);
+  if (u)
+    for (int64_t c = 0; c < n; ++c) u[c] = to_bf16(kGated ? cached_up(up[c], limit) : up[c]);
 }
 
 // Dot products in kLanes independent partial sums, so the loop vectorizes without reassociation
@@ -58,37 +136,50 @@ inline float reduce_lanes(const float* acc) {
   return s;
 }
 
-// One column of swiglu_backward; returns dh_raw * h, that column's share of dw.
-template <bool kKeepH>
-inline float swiglu_backward_column(int64_t c, const float* dh_raw, const bf16* g, const bf16* u, float w, bf16* dg,
-                                    bf16* du, bf16* h) {
-  float gf = to_f32(g[c]), uf = to_f32(u[c]);
-  float s = sigmoid(gf);
-  float silu = gf * s;
-  float hv = silu * uf;
-  float dh = w * dh_raw[c];
-  dg[c] = to_bf16(dh * uf * s * (1.0f + gf * (1.0f - s)));
-  du[c] = to_bf16(dh * silu);
+// One column of gate_backward: MATH.md's derivatives on the cached g, u, with the clamps' indicators;
+// returns dh_raw * h, that column's share of dw.
+template <class Act, bool kGated, bool kKeepH>
+inline float gate_backward_column(const ExpertVariant& v, int64_t c, const float* dh_raw, const bf16* g, const bf16* u,
+                                  float w, bf16* dg, bf16* du, bf16* h) {
+  const float uf = to_f32(u[c]), dh = w * dh_raw[c];
+  float hv, act;
+  if constexpr (kGated) {
+    const float gf = to_f32(g[c]);
+    const float gc = clamp_gate(gf, v.limit), uc = clamp_up(uf, v.limit) + v.up_offset;
+    const float dact = Act::derivative(gc, v.alpha, &act);
+    hv = act * uc;
+    dg[c] = to_bf16(gf < kInf ? dh * uc * dact : 0.0f);  // clamped entries are cached as +-inf
+    du[c] = to_bf16(uf > -kInf && uf < kInf ? dh * act : 0.0f);
+  } else {
+    const float dact = Act::derivative(uf, v.alpha, &act);
+    hv = act;
+    dg[c] = 0;
+    du[c] = to_bf16(dh * dact);
+  }
   if constexpr (kKeepH) h[c] = to_bf16(hv);
   return dh_raw[c] * hv;
 }
 
 // Whole kLanes-wide chunks in a fixed-trip inner loop (that is what vectorizes), then the tail.
-template <bool kKeepH>
-float swiglu_backward_columns(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg,
-                              bf16* du, bf16* h) {
+template <class Act, bool kGated, bool kKeepH>
+float gate_backward_columns(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n,
+                            float w, bf16* dg, bf16* du, bf16* h) {
   float acc[kLanes] = {};
   int64_t c0 = 0;
   for (; c0 + kLanes <= n; c0 += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += swiglu_backward_column<kKeepH>(c0 + l, dh_raw, g, u, w, dg, du, h);
-  for (int l = 0; c0 + l < n; ++l) acc[l] += swiglu_backward_column<kKeepH>(c0 + l, dh_raw, g, u, w, dg, du, h);
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
+  for (int l = 0; c0 + l < n; ++l)
+    acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
   return reduce_lanes(acc);
 }
 
-float swiglu_backward(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg, bf16* du,
-                      bf16* h) {
-  return h ? swiglu_backward_columns<true>(dh_raw, g, u, n, w, dg, du, h)
-           : swiglu_backward_columns<false>(dh_raw, g, u, n, w, dg, du, h);
+// Backward epilogue (GateBackwardFn) of (Act, gated).
+template <class Act, bool kGated>
+float gate_backward(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w,
+                    bf16* dg, bf16* du, bf16* h) {
+  return h ? gate_backward_columns<Act, kGated, true>(v, dh_raw, g, u, n, w, dg, du, h)
+           : gate_backward_columns<Act, kGated, false>(v, dh_raw, g, u, n, w, dg, du, h);
 }
 
 void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
@@ -131,8 +222,22 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, GemmFn gemm, TransposePanelsFn transpose_panels,
                                    DecodePanelsFn decode_panels) {
-  return KernelSet{isa,           mr,          gemm,        transpose_panels, decode_panels, swiglu_forward,
-                   swiglu_backward, rank_update, to_bf16_row, weighted_sum};
+  return KernelSet{isa,
+                   mr,
+                   gemm,
+                   transpose_panels,
+                   decode_panels,
+                   {{gate_forward<Swish, false>, gate_forward<Gelu, false>, gate_forward<GeluTanh, false>,
+                     gate_forward<Relu, false>, gate_forward<Relu2, false>},
+                    {gate_forward<Swish, true>, gate_forward<Gelu, true>, gate_forward<GeluTanh, true>,
+                     gate_forward<Relu, true>, gate_forward<Relu2, true>}},
+                   {{gate_backward<Swish, false>, gate_backward<Gelu, false>, gate_backward<GeluTanh, false>,
+                     gate_backward<Relu, false>, gate_backward<Relu2, false>},
+                    {gate_backward<Swish, true>, gate_backward<Gelu, true>, gate_backward<GeluTanh, true>,
+                     gate_backward<Relu, true>, gate_backward<Relu2, true>}},
+                   rank_update,
+                   to_bf16_row,
+                   weighted_sum};
 }
 
 }  // namespace

@@ -64,18 +64,48 @@ using DecodePanelsFn = void (*)(const QuantPanels& src, int64_t first_panel, int
 void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                            int64_t nq, bf16* dst, int64_t dst_panel_stride);
 
+// The expert variants of MATH.md ("Expert variants"): the activation, whether a gate multiplies it,
+// gpt-oss / DeepSeek-V4 clamps and up offset, and frozen biases. Chosen once per call: the
+// macro-kernels pick the epilogue instantiated for (gated, activation) from the KernelSet.
+enum class Activation : int {
+  swish = 0,      // z sigmoid(alpha z): silu (alpha 1), quick_gelu (alpha 1.702), gpt-oss's glu
+  gelu = 1,       // z Phi(z) (erf)
+  gelu_tanh = 2,  // gelu_pytorch_tanh / gelu_new
+  relu = 3,
+  relu2 = 4,      // max(z, 0)^2
+};
+constexpr int kActivations = 5;
+
+struct ExpertVariant {
+  bool gated = true;          // h = act(g) * (u + up_offset); else h = act(u) (the gate panels are zero)
+  Activation activation = Activation::swish;
+  float alpha = 1.0f;         // swish's alpha
+  float limit = __builtin_inff();  // gated only: g <= limit, -limit <= u <= limit before the activation
+  float up_offset = 0.0f;     // gpt-oss: (u + 1)
+  const float* gate_bias = nullptr;  // [E][I] fp32, frozen (null: none)
+  const float* up_bias = nullptr;    // [E][I]
+  const float* down_bias = nullptr;  // [E][H]
+};
+
+// Forward epilogue of one row: h = variant(gate, up) as bf16 (the pre-activations include LoRA and
+// biases); gate, up rounded to bf16 go to the cache's g, u when not null.
+using GateForwardFn = void (*)(const ExpertVariant& v, const float* gate, const float* up, int64_t n, bf16* g, bf16* u,
+                               bf16* h);
+// Backward epilogue of one row: from dh_raw (unweighted) and the cached g, u: dg, du (bf16, routing
+// weight w applied) and h (bf16, when not null). Returns dh_raw . h, the routing-weight gradient's
+// share of these columns.
+using GateBackwardFn = float (*)(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n,
+                                 float w, bf16* dg, bf16* du, bf16* h);
+
 struct KernelSet {
   Isa isa;
   int mr;  // rows of A per micro-kernel call
   GemmFn gemm;
   TransposePanelsFn transpose_panels;
   DecodePanelsFn decode_panels;
-  // h = silu(gate) * up as bf16; the pre-activations rounded to bf16 go to g/u when not null.
-  void (*swiglu_forward)(const float* gate, const float* up, int64_t n, bf16* g, bf16* u, bf16* h);
-  // From dh_raw (unweighted) and the cached g/u: dg, du (bf16, routing weight w applied) and
-  // h (bf16, when not null). Returns dh_raw . h, the routing-weight gradient's share of these columns.
-  float (*swiglu_backward)(const float* dh_raw, const bf16* g, const bf16* u, int64_t n, float w, bf16* dg,
-                           bf16* du, bf16* h);
+  // Epilogues per [gated][activation], one template instantiated per entry (elementwise.hpp).
+  GateForwardFn gate_forward[2][kActivations];
+  GateBackwardFn gate_backward[2][kActivations];
   // LoRA gradients in fp32 (the adapters are trained; the LoRA products themselves run on gemm).
   // G[i][c] = scale * sum_p coef[p][i] * pscale[p] * rows[p][c], i < m <= kMaxRank,
   // c < n <= kRankUpdateMaxCols, summed in p order

@@ -156,6 +156,19 @@ void lora_expand(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPa
           true);
 }
 
+// rows [0, real) of C (ldc) += bias [n] (nothing when bias is null).
+void add_bias_rows(float* C, int64_t ldc, int64_t real, const float* bias, int64_t n) {
+  if (!bias) return;
+  for (int64_t i = 0; i < real; ++i)
+    for (int64_t c = 0; c < n; ++c) C[i * ldc + c] += bias[c];
+}
+
+float dot_bf16(const float* a, const bf16* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < n; ++c) s += a[c] * bf16_to_f32(b[c]);
+  return s;
+}
+
 // A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
 // first `real` of them.
 struct RowBlock {
@@ -220,14 +233,16 @@ void reduce_tokens(const KernelSet& ks, const RoutingPlan& plan, const float* ro
 
 }  // namespace
 
-ForwardCache::ForwardCache(RoutingPlan p, int64_t H_, int64_t I_, int64_t rank_, bool keep)
+ForwardCache::ForwardCache(RoutingPlan p, int64_t H_, int64_t I_, int64_t rank_, bool keep, Part part_)
     : plan(std::move(p)),
       H(H_),
       I(I_),
       rank(rank_),
-      x(keep ? size_t(plan.T * H_) : 0, Memory::workspace),
-      g(keep ? size_t(plan.routes * I_) : 0, Memory::workspace),
-      u(keep ? size_t(plan.routes * I_) : 0, Memory::workspace),
+      part(part_),
+      saved(keep),
+      x(keep && part_ != Part::down ? size_t(plan.T * H_) : 0, Memory::workspace),
+      g(keep && part_ != Part::gate_up ? size_t(plan.routes * I_) : 0, Memory::workspace),
+      u(keep && part_ == Part::whole ? size_t(plan.routes * I_) : 0, Memory::workspace),
       ag(size_t(plan.routes * rank_), Memory::workspace),
       au(size_t(plan.routes * rank_), Memory::workspace),
       ad(size_t(plan.routes * rank_), Memory::workspace) {}
@@ -247,9 +262,12 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const bool lora = r > 0;
   const float s = a.lora.scale;
   const bf16* x_in = static_cast<const bf16*>(a.x);
+  const ExpertVariant V = a.variant;
+  const GateForwardFn epilogue = ks.gate_forward[V.gated][int(V.activation)];
 
-  auto cache =
-      std::make_shared<ForwardCache>(RoutingPlan(a.ids, a.w, T, a.k, weights->E), H, I, r, a.save_for_backward);
+  const Part part = a.part;
+  auto cache = std::make_shared<ForwardCache>(RoutingPlan(a.ids, a.w, T, a.k, weights->E), H, I, r,
+                                              a.save_for_backward, part);
   const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.mr);
   const int64_t M = poff[weights->E];
 
@@ -264,9 +282,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   };
   auto ws =
       std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
-  ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
-  ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
-  ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
+  if (part != Part::down) ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
+  if (part != Part::gate_up) ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
+  if (part != Part::gate_up) ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
@@ -288,7 +306,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t i_panels = ceil_div(I, kPanelCols);
   const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock / 2);  // 3 gate + 3 up panels per task
   const int64_t h_chunks = ceil_div(weights->layout(Gemm::down).panels, kPanelsPerBlock);
-  const int64_t x_chunks = a.save_for_backward ? ceil_div(T, kTokenBlock) : 0;
+  const int64_t x_chunks = a.save_for_backward && part != Part::down ? ceil_div(T, kTokenBlock) : 0;
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
 
   return std::make_shared<Job>([=](Worker& wk) mutable {
@@ -299,9 +317,23 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     float* scratch = w.scratch.data() + wk.tid() * w.scratch_per_thread;
     bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
 
-    // 1. Pack A (gather each expert's tokens), prepare the active experts' LoRA, cache x.
+    // 1. Pack A (gather each expert's tokens, or for the down part its routes' h), prepare the active
+    //    experts' LoRA, cache x (or h).
     wk.for_each(n_blocks + n_lora + x_chunks, [&](int64_t task) {
-      if (task < n_blocks) {
+      if (task < n_blocks && part == Part::down) {
+        const RowBlock& b = w.blocks[task];
+        for (int64_t i = 0; i < b.rows; ++i) {
+          bf16* dst = w.ha.data() + (b.prow + i) * Ip;
+          int64_t used = 0;
+          if (i < b.real) {
+            const int64_t route = b.route0 + i;
+            std::memcpy(dst, a.h_in + int64_t(plan.route_slot[route]) * I, I * sizeof(bf16));
+            if (a.save_for_backward) std::memcpy(c.g.data() + route * I, dst, I * sizeof(bf16));
+            used = I;
+          }
+          std::fill(dst + used, dst + Ip, bf16(0));
+        }
+      } else if (task < n_blocks) {
         const RowBlock& b = w.blocks[task];
         for (int64_t i = 0; i < b.rows; ++i) {
           bf16* dst = w.xa.data() + (b.prow + i) * Hp;
@@ -322,7 +354,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
 
     // 2. LoRA A of gate and up: [a_g | a_u] = x [Ag; Au]^T (fp32, kept for the backward), and
     //    s [a_g | a_u] in bf16 as the A operand of the expand in 3.
-    if (lora)
+    if (lora && part != Part::down)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
@@ -331,9 +363,10 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                      w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
 
-    // 3. Gate and up (+ s Bg a_g, s Bu a_u), then h = silu(g) * u straight from the accumulators.
-    //    One task per (expert, column chunk), over all of the expert's rows: B is read once.
-    wk.for_each(n_active * i_chunks, [&](int64_t task) {
+    // 3. Gate and up (+ s Bg a_g, s Bu a_u, + biases), then h = the variant's act(g) * u (or act(u))
+    //    straight from the accumulators. One task per (expert, column chunk), over all of the
+    //    expert's rows: B is read once. The gate_up part writes g, u out per slot instead.
+    if (part != Part::down) wk.for_each(n_active * i_chunks, [&](int64_t task) {
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
@@ -349,14 +382,24 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
           float* cu = cg + kPanelCols;
+          add_bias_rows(cg, kColBlock, b.real, V.gate_bias ? V.gate_bias + b.e * I + col : nullptr, n);
+          add_bias_rows(cu, kColBlock, b.real, V.up_bias ? V.up_bias + b.e * I + col : nullptr, n);
+          if (part == Part::gate_up) {
+            for (int64_t i = 0; i < b.real; ++i) {
+              float* out = a.gate_up_out + int64_t(plan.route_slot[b.route0 + i]) * 2 * I + col;
+              std::memcpy(out, cg + i * kColBlock, n * sizeof(float));
+              std::memcpy(out + I, cu + i * kColBlock, n * sizeof(float));
+            }
+            continue;
+          }
           for (int64_t i = 0; i < b.rows; ++i) {
             const bool keep = a.save_for_backward && i < b.real;
             const int64_t route = b.route0 + i;
-            ks.swiglu_forward(cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
-                              keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
+            epilogue(V, cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
+                     keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
           }
         }
-        if (j0 + pairs == i_panels)  // K padding of h
+        if (j0 + pairs == i_panels && part == Part::whole)  // K padding of h
           for (int64_t i = 0; i < b.rows; ++i) {
             bf16* h = w.ha.data() + (b.prow + i) * Ip;
             std::fill(h + I, h + Ip, bf16(0));
@@ -365,7 +408,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     });
 
     // 4. LoRA A of down: a_d = Ad h (fp32, kept), s a_d in bf16 for the expand in 5.
-    if (lora)
+    if (lora && part != Part::gate_up)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
@@ -374,8 +417,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                      w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
 
-    // 5. Down (+ s Bd a_d): one unweighted output row per route; tasks as in 3.
-    wk.for_each(n_active * h_chunks, [&](int64_t task) {
+    // 5. Down (+ s Bd a_d, + bias): one unweighted output row per route; tasks as in 3.
+    if (part != Part::gate_up) wk.for_each(n_active * h_chunks, [&](int64_t task) {
       const int64_t slot = task / h_chunks;
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
@@ -388,13 +431,14 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
                       w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
                       kColBlock);
+        add_bias_rows(scratch, kColBlock, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
         for (int64_t i = 0; i < b.real; ++i)
           std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
       });
     });
 
     // 6. y[t] = sum_j w[t, j] o[t, j], in slot order (deterministic).
-    wk.for_each(t_chunks, [&](int64_t task) {
+    if (part != Part::gate_up) wk.for_each(t_chunks, [&](int64_t task) {
       reduce_tokens(ks, plan, w.o.data(), H, a.w, a.y, a.y_dtype, scratch, task * kTokenBlock);
     });
     // Every worker is past the last phase's barrier: the workspace goes back to the cache before
@@ -411,15 +455,22 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const bool lora = r > 0;
   const float s = a.lora.scale;
   const bf16* gy_in = static_cast<const bf16*>(a.gy);
+  const ExpertVariant V = a.variant;
+  const GateBackwardFn epilogue = ks.gate_backward[V.gated][int(V.activation)];
   if (r != cache->rank)
     throw std::invalid_argument("cache: made with LoRA rank " + std::to_string(cache->rank) + ", the state has rank " +
                                 std::to_string(r));
-  if (!cache->g.data() && cache->plan.routes > 0)
+  if (!cache->saved)
     throw std::invalid_argument("cache: made without save_for_backward");
+  const Part part = cache->part;
+  if ((part == Part::down) != (a.dh_out != nullptr) || (part == Part::gate_up) != (a.dgu_in != nullptr))
+    throw std::invalid_argument("cache: made by the forward of another part of the layer");
   const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.mr);
   const int64_t M = poff[weights->E];
   const int64_t i_panels = ceil_div(I, kPanelCols);
   const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock);
+  // dw[t, j] = gy_t . o = dh_raw . h + gy_t . bd[e]: one share per column chunk of 3, one for the bias.
+  const int64_t dw_parts = i_chunks + 1;
 
   struct Workspace {
     Buffer<bf16> gy, dgu, hb;        // A operands: gathered gy, [dg | du]; h for dAd
@@ -435,7 +486,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   ws->gy = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip), Memory::workspace);
-  ws->dwpart = Buffer<float>(size_t(routes * i_chunks), Memory::workspace);
+  ws->dwpart = Buffer<float>(size_t(routes * dw_parts), Memory::workspace);
   ws->dxr = Buffer<float>(size_t(routes * H), Memory::workspace);
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
@@ -474,18 +525,33 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
     const int64_t ldd = 2 * Ip;  // dg | du
 
-    // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices.
+    // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices. The
+    //    gate_up part gathers its given [dg | du] instead of gy.
     wk.for_each(n_blocks + n_lora, [&](int64_t task) {
       if (task >= n_blocks) {
         w.lora->prepare(task - n_blocks, plan.active[task - n_blocks]);
         return;
       }
       const RowBlock& b = w.blocks[task];
+      if (part == Part::gate_up) {
+        for (int64_t i = 0; i < b.rows; ++i) {
+          bf16* d = w.dgu.data() + (b.prow + i) * ldd;
+          std::fill(d, d + ldd, bf16(0));
+          if (i < b.real) {
+            const bf16* src = a.dgu_in + int64_t(plan.route_slot[b.route0 + i]) * 2 * I;
+            std::memcpy(d, src, I * sizeof(bf16));
+            std::memcpy(d + Ip, src + I, I * sizeof(bf16));
+          }
+        }
+        return;
+      }
       for (int64_t i = 0; i < b.rows; ++i) {
         bf16* g = w.gy.data() + (b.prow + i) * Hp;
         bf16* d = w.dgu.data() + (b.prow + i) * ldd;
         if (i < b.real) {
           std::memcpy(g, gy_in + int64_t(plan.route_token[b.route0 + i]) * H, H * sizeof(bf16));
+          w.dwpart.data()[(b.route0 + i) * dw_parts + i_chunks] =
+              V.down_bias ? dot_bf16(V.down_bias + b.e * H, g, H) : 0.0f;
           std::fill(g + H, g + Hp, bf16(0));
           std::fill(d + I, d + Ip, bf16(0));
           std::fill(d + Ip + I, d + ldd, bf16(0));
@@ -497,7 +563,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     });
 
     // 2. b_d = Bd^T gy (unweighted, fp32), s b_d in bf16 for the expand in 3.
-    if (lora)
+    if (lora && part != Part::gate_up)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
@@ -508,7 +574,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
 
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
     //    (expert, column chunk): its B operand is made once and used by all of the expert's rows.
-    wk.for_each(n_active * i_chunks, [&](int64_t task) {
+    //    The down part writes dh = w dh_raw out per slot instead; h is the one its forward was given.
+    if (part != Part::gate_up) wk.for_each(n_active * i_chunks, [&](int64_t task) {
       const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = kPanelsPerBlock * chunk;
       const PanelLayout& L = W.layout(Gemm::down_t);
       const int np = int(std::min<int64_t>(kPanelsPerBlock, i_panels - p0));
@@ -522,17 +589,29 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
                       kColBlock);
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
+          if (part == Part::down) {
+            const float* dh_raw = scratch + i * kColBlock;
+            const bf16* h = c.g.data() + route * I + col;
+            float* out = a.dh_out + int64_t(plan.route_slot[route]) * I + col;
+            const float wr = plan.route_weight[route];
+            float dot = 0.0f;
+            for (int64_t q = 0; q < n; ++q) {
+              out[q] = wr * dh_raw[q];
+              dot += dh_raw[q] * bf16_to_f32(h[q]);
+            }
+            w.dwpart.data()[route * dw_parts + chunk] = dot;
+            continue;
+          }
           bf16* d = w.dgu.data() + (b.prow + i) * ldd;
-          w.dwpart.data()[route * i_chunks + chunk] =
-              ks.swiglu_backward(scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col,
-                                 n, plan.route_weight[route], d + col, d + Ip + col,
-                                 lora ? w.hb.data() + route * I + col : nullptr);
+          w.dwpart.data()[route * dw_parts + chunk] =
+              epilogue(V, scratch + i * kColBlock, c.g.data() + route * I + col, c.u.data() + route * I + col, n,
+                       plan.route_weight[route], d + col, d + Ip + col, lora ? w.hb.data() + route * I + col : nullptr);
         }
       });
     });
 
     // 4. [c_g | c_u] = [dg | du] [Bg, 0; 0, Bu] (fp32), s [c_g | c_u] in bf16 for the expand in 5.
-    if (lora)
+    if (lora && part != Part::down)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         const LoraPanels& lp = *w.lora;
@@ -544,6 +623,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.
     wk.for_each(n_active * h_chunks + n_active * grad_tasks_per_expert, [&](int64_t task) {
       if (task < n_active * h_chunks) {  // dx rows, per (expert, column chunk) as in 3
+        if (part == Part::down) return;
         const int64_t slot = task / h_chunks;
         const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
         const PanelLayout& L = W.layout(Gemm::gate_up_t);
@@ -567,6 +647,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       const int64_t off = plan.offset[e], n_e = plan.count(e), prow_e = poff[e];
       const float* wr = plan.route_weight.data() + off;
       const int kind = g < 3 * gh ? int(g / gh) : 3 + int((g - 3 * gh) / gi);
+      const bool down_gradient = kind == 2 || kind == 5;  // dBd, dAd: the down part's
+      if ((part == Part::down && !down_gradient) || (part == Part::gate_up && down_gradient)) return;
       const int64_t c0 = (g < 3 * gh ? g % gh : (g - 3 * gh) % gi) * kGradCols;
       const int64_t ncols = std::min(kGradCols, (kind < 3 ? H : I) - c0);
       // [r][cols] gradients are written in place; [cols][r] ones go through scratch.
@@ -600,20 +682,23 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
           transposed(a.d_up_b, I, c.au.data(), nullptr, w.dgu.data() + prow_e * ldd + Ip, ldd);
           break;
         default:  // dAd = s sum (w b_d) h^T
-          direct(a.d_down_a, I, w.bd.data(), wr, w.hb.data() + off * I, I, nullptr);
+          direct(a.d_down_a, I, w.bd.data(), wr, (part == Part::down ? c.g.data() : w.hb.data()) + off * I, I,
+                 nullptr);
           break;
       }
     });
 
     // 6. dx[t] = sum_j dx rows (w already applied); dw[t, j] = sum of its dh_raw . h shares.
     wk.for_each(t_chunks, [&](int64_t task) {
-      reduce_tokens(ks, plan, w.dxr.data(), H, nullptr, a.dx, a.dx_dtype, scratch, task * kTokenBlock);
+      if (part != Part::down)
+        reduce_tokens(ks, plan, w.dxr.data(), H, nullptr, a.dx, a.dx_dtype, scratch, task * kTokenBlock);
+      if (part == Part::gate_up) return;
       for (int64_t t = task * kTokenBlock; t < std::min(T, (task + 1) * kTokenBlock); ++t)
         for (int64_t j = 0; j < plan.k; ++j) {
           const int32_t route = plan.slot_route[t * plan.k + j];
           float sum = 0.0f;
           if (route >= 0)
-            for (int64_t q = 0; q < i_chunks; ++q) sum += w.dwpart.data()[route * i_chunks + q];
+            for (int64_t q = 0; q < dw_parts; ++q) sum += w.dwpart.data()[route * dw_parts + q];
           a.dw[t * plan.k + j] = sum;
         }
     });

@@ -26,15 +26,22 @@ struct LoraView {
   float scale = 0.0f;
 };
 
-// Residuals of one forward call, sized by its T: x, the rounded gate/up pre-activations and
-// the LoRA intermediates (fp32), all indexed by route. Consumed by one backward; its memory then
-// goes back to the workspace cache (bounded) for the next calls.
+// Which part of the layer a call computes. The split path runs an experts module's own gate function
+// (any _apply_gate) in torch between two kernel calls: gate_up (x -> g, u with LoRA and biases, written
+// per slot) and down (h per slot -> y); each has its own backward.
+enum class Part : int { whole = 0, gate_up = 1, down = 2 };
+
+// Residuals of one forward call, sized by its T: x, the rounded gate/up pre-activations (or h for the
+// down part) and the LoRA intermediates (fp32), all indexed by route. Consumed by one backward; its
+// memory then goes back to the workspace cache (bounded) for the next calls.
 struct ForwardCache {
-  ForwardCache(RoutingPlan p, int64_t H, int64_t I, int64_t rank, bool keep);
+  ForwardCache(RoutingPlan p, int64_t H, int64_t I, int64_t rank, bool keep, Part part);
   RoutingPlan plan;
   int64_t H, I, rank;
-  Buffer<bf16> x;            // [T][H]
-  Buffer<bf16> g, u;         // [routes][I]
+  Part part;
+  bool saved;                // made with save_for_backward
+  Buffer<bf16> x;            // [T][H] (whole, gate_up)
+  Buffer<bf16> g, u;         // [routes][I] (whole); g holds h for the down part
   Buffer<float> ag, au, ad;  // [routes][rank]
   size_t nbytes() const;
 };
@@ -47,7 +54,11 @@ struct ForwardArgs {
   void* y;  // [T][H], y_dtype
   DType y_dtype;
   LoraView lora;
+  ExpertVariant variant;
   bool save_for_backward;
+  Part part = Part::whole;
+  float* gate_up_out = nullptr;  // gate_up: [T][k][2I] fp32, g | u per slot (slots without a route untouched)
+  const bf16* h_in = nullptr;    // down: [T][k][I] bf16, h per slot (x unused)
 };
 
 struct BackwardArgs {
@@ -56,9 +67,12 @@ struct BackwardArgs {
   DType dx_dtype;
   float* dw;  // [T][k]
   LoraView lora;
+  ExpertVariant variant;  // the forward's
   // fp32 gradients in the LoRA tensors' shapes; experts without routes are left untouched
-  // (the caller zero-fills them).
+  // (the caller zero-fills them). The down part writes the down ones, the gate_up part the others.
   float *d_gate_a, *d_gate_b, *d_up_a, *d_up_b, *d_down_a, *d_down_b;
+  float* dh_out = nullptr;        // down part: [T][k][I] fp32, dh = w dh_raw per slot (dx is not written)
+  const bf16* dgu_in = nullptr;   // gate_up part: [T][k][2I] bf16, dg | du per slot (dw is not written)
 };
 
 // Validates, plans and allocates in the caller's thread (throws std::invalid_argument /

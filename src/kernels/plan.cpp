@@ -11,10 +11,10 @@ RoutingPlan::RoutingPlan(const int32_t* ids, const float* w, int64_t T_, int64_t
     : T(T_), k(k_), E(E_), offset(E_ + 1, 0), slot_route(T_ * k_, -1) {
   for (int64_t s = 0; s < T * k; ++s) {
     int32_t e = ids[s];
-    if (e < -1 || e >= E)
+    if (e < -1)
       throw std::invalid_argument("ids: expert id " + std::to_string(e) + " at slot " + std::to_string(s) +
-                                  " is outside [-1, " + std::to_string(E) + ")");
-    if (e >= 0) ++offset[e + 1];
+                                  " is below -1");
+    if (e >= 0 && e < E) ++offset[e + 1];
   }
   for (int64_t e = 0; e < E; ++e) {
     if (offset[e + 1] > 0) active.push_back(int32_t(e));
@@ -27,7 +27,7 @@ RoutingPlan::RoutingPlan(const int32_t* ids, const float* w, int64_t T_, int64_t
   std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
   for (int64_t s = 0; s < T * k; ++s) {
     int32_t e = ids[s];
-    if (e < 0) continue;
+    if (e < 0 || e >= E) continue;  // unused slot, or an expert-parallel sentinel (another rank's expert)
     int64_t r = fill[e]++;
     route_token[r] = int32_t(s / k);
     route_slot[r] = int32_t(s);

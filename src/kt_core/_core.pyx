@@ -255,9 +255,28 @@ cdef kt.LoraView _lora(object lora) except *:
     return v
 
 
+cdef kt.ExpertVariant _variant(object v) except *:
+    # v = None (SwiGLU, no biases) or (gated, activation code, alpha, limit, up_offset, gate_bias, up_bias,
+    # down_bias pointers or 0)
+    cdef kt.ExpertVariant out
+    if v is None:
+        return out
+    out.gated = v[0]
+    out.activation = <kt.Activation><int>v[1]
+    out.alpha = v[2]
+    out.limit = v[3]
+    out.up_offset = v[4]
+    out.gate_bias = <const float*><uintptr_t>v[5]
+    out.up_bias = <const float*><uintptr_t>v[6]
+    out.down_bias = <const float*><uintptr_t>v[7]
+    return out
+
+
 def submit_forward(Pool pool not None, PackedExperts weights not None, str isa not None, uintptr_t x, uintptr_t ids,
-                   uintptr_t w, int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward):
-    """Plans and submits one forward; returns (Job, ForwardCache or None)."""
+                   uintptr_t w, int64_t T, int64_t k, uintptr_t y, int y_dtype, object lora, bint save_for_backward,
+                   object variant=None, int part=0, uintptr_t gate_up_out=0, uintptr_t h_in=0):
+    """Plans and submits one forward (part 0: the whole layer; 1: gate/up written to gate_up_out; 2: down
+    from h_in); returns (Job, ForwardCache or None)."""
     cdef kt.ForwardArgs a
     a.x = <const void*>x
     a.ids = <const int32_t*>ids
@@ -267,7 +286,11 @@ def submit_forward(Pool pool not None, PackedExperts weights not None, str isa n
     a.y = <void*>y
     a.y_dtype = <kt.DType>y_dtype
     a.lora = _lora(lora)
+    a.variant = _variant(variant)
     a.save_for_backward = save_for_backward
+    a.part = <kt.Part>part
+    a.gate_up_out = <float*>gate_up_out
+    a.h_in = <const uint16_t*>h_in
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef shared_ptr[kt.ForwardCache] cache
     cdef Job job = Job.__new__(Job)
@@ -284,8 +307,9 @@ def submit_forward(Pool pool not None, PackedExperts weights not None, str isa n
 
 def submit_backward(Pool pool not None, PackedExperts weights not None, str isa not None,
                     ForwardCache cache not None, uintptr_t gy, uintptr_t dx, int dx_dtype, uintptr_t dw, object lora,
-                    tuple lora_grads not None):
-    """Consumes the cache and submits one backward over it; returns the Job.
+                    tuple lora_grads not None, object variant=None, uintptr_t dh_out=0, uintptr_t dgu_in=0):
+    """Consumes the cache and submits one backward over it (of the down part: dh to dh_out; of the gate_up
+    part: from dgu_in); returns the Job.
 
     ValueError(CACHE_CONSUMED) if the cache was consumed already; if the job cannot be made or
     submitted (invalid arguments, no memory) the cache is left unconsumed.
@@ -298,12 +322,15 @@ def submit_backward(Pool pool not None, PackedExperts weights not None, str isa 
     a.dx_dtype = <kt.DType>dx_dtype
     a.dw = <float*>dw
     a.lora = _lora(lora)
+    a.variant = _variant(variant)
     a.d_gate_a = <float*><uintptr_t>lora_grads[0]
     a.d_gate_b = <float*><uintptr_t>lora_grads[1]
     a.d_up_a = <float*><uintptr_t>lora_grads[2]
     a.d_up_b = <float*><uintptr_t>lora_grads[3]
     a.d_down_a = <float*><uintptr_t>lora_grads[4]
     a.d_down_b = <float*><uintptr_t>lora_grads[5]
+    a.dh_out = <float*>dh_out
+    a.dgu_in = <const uint16_t*>dgu_in
     cdef const kt.KernelSet* ks = &kt.kernels_for(_isa(isa))
     cdef Job job = Job.__new__(Job)
     cdef kt.Pool* p = pool.ptr.get()

@@ -44,6 +44,22 @@ cdef extern from "common.hpp" namespace "kt":
 cdef extern from "kernels.hpp" namespace "kt":
     cdef cppclass KernelSet:
         pass
+
+    cdef enum class Activation(int):
+        swish
+        gelu
+        gelu_tanh
+        relu
+        relu2
+
+    cdef cppclass ExpertVariant:
+        bool gated
+        Activation activation
+        float alpha, limit, up_offset
+        const float* gate_bias
+        const float* up_bias
+        const float* down_bias
+
     const KernelSet& kernels_for(Isa) except +
     double kernel_peak_gflops(Isa, int, double) except + nogil
 
@@ -118,6 +134,11 @@ cdef extern from "amx_emulator.hpp" namespace "kt::amx":
 
 
 cdef extern from "moe.hpp" namespace "kt":
+    cdef enum class Part(int):
+        whole
+        gate_up
+        down
+
     cdef cppclass LoraView:
         const void* gate_a
         const void* gate_b
@@ -145,7 +166,11 @@ cdef extern from "moe.hpp" namespace "kt":
         void* y
         DType y_dtype
         LoraView lora
+        ExpertVariant variant
         bool save_for_backward
+        Part part
+        float* gate_up_out
+        const uint16_t* h_in
 
     cdef cppclass BackwardArgs:
         const void* gy
@@ -153,12 +178,15 @@ cdef extern from "moe.hpp" namespace "kt":
         DType dx_dtype
         float* dw
         LoraView lora
+        ExpertVariant variant
         float* d_gate_a
         float* d_gate_b
         float* d_up_a
         float* d_up_b
         float* d_down_a
         float* d_down_b
+        float* dh_out
+        const uint16_t* dgu_in
 
     shared_ptr[Job] make_forward_job(shared_ptr[const PackedExperts], const KernelSet&, int, const ForwardArgs&,
                                      shared_ptr[ForwardCache]*) except + nogil
