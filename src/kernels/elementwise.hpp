@@ -138,9 +138,15 @@ inline float reduce_lanes(const float* acc) {
 
 // One column of gate_backward: MATH.md's derivatives on the cached g, u, with the clamps' indicators;
 // returns dh_raw * h, that column's share of dw.
+// The variant's numbers come by value: read through the ExpertVariant reference, GCC did not
+// vectorize the loops below.
+struct GateParams {
+  float alpha, limit, up_offset;
+};
+
 template <class Act, bool kGated, bool kKeepH>
-inline float gate_backward_column(const ExpertVariant& v, int64_t c, const float* dh_raw, const bf16* g, const bf16* u,
-                                  float w, bf16* dg, bf16* du, bf16* h) {
+inline float gate_backward_column(GateParams v, int64_t c, const float* dh_raw, const bf16* g, const bf16* u, float w,
+                                  bf16* dg, bf16* du, bf16* h) {
   const float uf = to_f32(u[c]), dh = w * dh_raw[c];
   float hv, act;
   if constexpr (kGated) {
@@ -160,17 +166,21 @@ inline float gate_backward_column(const ExpertVariant& v, int64_t c, const float
   return dh_raw[c] * hv;
 }
 
-// Whole kLanes-wide chunks in a fixed-trip inner loop (that is what vectorizes), then the tail.
+// Each column's dw share is computed in one plain loop over a block (the loop GCC vectorizes),
+// then added to lane c % kLanes in column order: the same sum on every ISA.
 template <class Act, bool kGated, bool kKeepH>
-float gate_backward_columns(const ExpertVariant& v, const float* dh_raw, const bf16* g, const bf16* u, int64_t n,
+float gate_backward_columns(const ExpertVariant& variant, const float* dh_raw, const bf16* g, const bf16* u, int64_t n,
                             float w, bf16* dg, bf16* du, bf16* h) {
+  const GateParams v{variant.alpha, variant.limit, variant.up_offset};
+  constexpr int64_t kBlock = 16 * kLanes;
+  alignas(64) float share[kBlock];
   float acc[kLanes] = {};
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= n; c0 += kLanes)
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
-  for (int l = 0; c0 + l < n; ++l)
-    acc[l] += gate_backward_column<Act, kGated, kKeepH>(v, c0 + l, dh_raw, g, u, w, dg, du, h);
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int64_t m = n - c0 < kBlock ? n - c0 : kBlock;
+    for (int64_t c = 0; c < m; ++c)
+      share[c] = gate_backward_column<Act, kGated, kKeepH>(v, c0 + c, dh_raw, g, u, w, dg, du, h);
+    for (int64_t c = 0; c < m; ++c) acc[c % kLanes] += share[c];
+  }
   return reduce_lanes(acc);
 }
 
