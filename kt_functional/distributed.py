@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._convert import FLOAT_DTYPES, INDEX_DTYPES, as_tensor, check_dtype, check_shape, cpu_contiguous, to_kind
-from .ops import MAX_TOP_K, Grads, MoECache
+from ._convert import FLOAT_DTYPES, as_tensor, check_dtype, check_shape, cpu_contiguous, to_kind
+from .ops import Grads, MoECache, routing_inputs
 from .state import _LORA_NAMES, LoRA, MoEState
 from .torch import KTExperts, _kernel_dtype
 
@@ -262,21 +262,8 @@ def moe_forward(state: MoEState | None, x, ids, w, *, group: ExpertGroup, save_f
     error, row = None, [1] + [0] * (_ROW - 1)  # the row of a rank whose checks failed
     try:
         _check_state(group, state)
-        x, x_np = as_tensor(x, "x")
-        ids, _ = as_tensor(ids, "ids")
-        w, _ = as_tensor(w, "w")
-        check_dtype(x, "x", FLOAT_DTYPES)
-        if x.dim() != 2:
-            raise ValueError(f"x: expected shape [T, H], got {list(x.shape)}")
-        T, H = x.shape
-        check_dtype(ids, "ids", INDEX_DTYPES)
-        if ids.dim() != 2 or ids.shape[0] != T:
-            raise ValueError(f"ids: expected shape [T, k] with T = {T} (from x), got {list(ids.shape)}")
-        k = ids.shape[1]
-        if not 1 <= k <= MAX_TOP_K:
-            raise ValueError(f"ids: expected 1 <= k <= {MAX_TOP_K} experts per token, got k = {k}")
-        check_dtype(w, "w", FLOAT_DTYPES)
-        check_shape(w, "w", (T, k), f"[T, k] = {[T, k]} like ids")
+        x, x_np, ids, w = routing_inputs(x, ids, w, None)  # H is checked against the owner's below
+        (T, H), k = x.shape, ids.shape[1]
         lo, hi = (int(ids.min()), int(ids.max())) if T else (0, -1)
         E, owner_H = (state.weights.num_experts, state.weights.hidden_size) if group.is_owner else (0, 0)
         row = [0, T, k, H, int(x.dtype == torch.float32), int(bool(save_for_backward)), lo, hi, E, owner_H]

@@ -89,14 +89,17 @@ def _check_state(state) -> MoEState:
     return state
 
 
-def _forward_inputs(state: MoEState, x, ids, w):
-    """Validates the forward's inputs; returns them as contiguous CPU tensors plus metadata."""
-    H, E = state.weights.hidden_size, state.weights.num_experts
+def routing_inputs(x, ids, w, H: int | None):
+    """Checks x [T, H], ids [T, k] and w [T, k] (H None: any, where this process holds no experts);
+    returns (x, x_is_numpy, ids, w) as tensors."""
     x, x_np = as_tensor(x, "x")
     ids, _ = as_tensor(ids, "ids")
     w, _ = as_tensor(w, "w")
     check_dtype(x, "x", FLOAT_DTYPES)
-    check_shape(x, "x", (None, H), f"[T, H] with H = {H}")
+    if H is None and x.dim() != 2:
+        raise ValueError(f"x: expected shape [T, H], got {list(x.shape)}")
+    if H is not None:
+        check_shape(x, "x", (None, H), f"[T, H] with H = {H}")
     T = x.shape[0]
     check_dtype(ids, "ids", INDEX_DTYPES)
     if ids.dim() != 2 or ids.shape[0] != T:
@@ -106,6 +109,14 @@ def _forward_inputs(state: MoEState, x, ids, w):
         raise ValueError(f"ids: expected 1 <= k <= {MAX_TOP_K} experts per token, got k = {k}")
     check_dtype(w, "w", FLOAT_DTYPES)
     check_shape(w, "w", (T, k), f"[T, k] = {[T, k]} like ids")
+    return x, x_np, ids, w
+
+
+def _forward_inputs(state: MoEState, x, ids, w):
+    """Validates the forward's inputs; returns them as contiguous CPU tensors plus metadata."""
+    H, E = state.weights.hidden_size, state.weights.num_experts
+    x, x_np, ids, w = routing_inputs(x, ids, w, H)
+    T, k = ids.shape
     if T:  # range check before the narrowing to int32
         lo = int(ids.min())
         if lo < -1:
