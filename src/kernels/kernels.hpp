@@ -17,11 +17,28 @@ constexpr int kKAlign = 32;
 constexpr int kMaxRank = 128;
 constexpr int64_t kRankUpdateMaxCols = 256;
 
+// Memory a worker reads next (the next task's B operand source: `runs` runs of `run_lines` 64-byte
+// lines, run_stride bytes apart), prefetched a line per micro-kernel K step, so that those reads
+// overlap the current GEMM's compute instead of running in a pass of their own. A hint: a
+// micro-kernel may ignore it.
+struct PrefetchStream {
+  const char* base = nullptr;
+  int64_t run_lines = 0, run_stride = 0, runs = 0;
+  int64_t run = 0, line = 0;
+  bool done() const { return run >= runs; }
+  const char* advance() {  // the next line (only while !done())
+    const char* p = base + run * run_stride + line * 64;
+    if (++line == run_lines) line = 0, ++run;
+    return p;
+  }
+};
+
 // Micro-kernel: C[rows x 16*np] (= or +=) A[rows x K] * B, where A is bf16 row-major (lda elements,
 // K = 2*kpairs, a multiple of 32), rows a multiple of the set's mr, and B is np panels, panel p at
 // B + p*panel_stride. Tile math only: never sees an edge (rows are padded to mr, K and N by the packer).
+// `prefetch` (may be null) is advanced as the K steps run.
 using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride,
-                        int64_t kpairs, int np, float* C, int64_t ldc, bool accumulate);
+                        int64_t kpairs, int np, float* C, int64_t ldc, bool accumulate, PrefetchStream* prefetch);
 
 // Operand maker of the backward GEMMs: the transpose of a packed operand S (src_panels panels of
 // 16 columns, consecutive panels src_panel_distance elements apart) restricted to its rows

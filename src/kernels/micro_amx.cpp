@@ -81,7 +81,7 @@ void tile_block(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride,
 }
 
 void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t kpairs, int np,
-          float* C, int64_t ldc, bool accumulate) {
+          float* C, int64_t ldc, bool accumulate, PrefetchStream*) {  // the prefetch hint is not used here
   ensure_configured();
   for (int64_t m = 0; m < rows; m += 2 * kMr) {
     const bool two_rows = rows - m >= 2 * kMr;

@@ -41,7 +41,7 @@ void gemm_panel(const bf16* A, int64_t lda, const bf16* B, int64_t kpairs, float
 }
 
 void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t kpairs, int np,
-          float* C, int64_t ldc, bool accumulate) {
+          float* C, int64_t ldc, bool accumulate, PrefetchStream*) {  // the prefetch hint is not used here
   for (int64_t m = 0; m < rows; m += kMr)
     for (int p = 0; p < np; ++p)
       gemm_panel(A + m * lda, lda, B + p * panel_stride, kpairs, C + m * ldc + p * kPanelCols, ldc, accumulate);

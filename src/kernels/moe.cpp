@@ -131,7 +131,7 @@ void lora_project(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraP
   const PanelLayout& l = lp.layout(which);
   const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
   const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
-  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false);
+  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
   for (int64_t i = 0; i < rows; ++i) {
     float* v = scratch + i * ldc;
     if (lp.split())
@@ -153,7 +153,7 @@ void lora_expand(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPa
                  int64_t rows, int64_t p0, int np, float* C, int64_t ldc) {
   const PanelLayout& l = lp.layout(which);
   ks.gemm(coef, l.Kp, rows, lp.get(slot, which) + p0 * l.panel_stride(), l.panel_stride(), l.Kp / 2, np, C, ldc,
-          true);
+          true, nullptr);
 }
 
 // rows [0, real) of C (ldc) += bias [n] (nothing when bias is null).
@@ -205,8 +205,8 @@ struct ExpertBlocks {
 
 // C[rows][16*np] = A[rows][K] * B (np panels of layout l).
 void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
-               int np, float* C, int64_t ldc) {
-  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false);
+               int np, float* C, int64_t ldc, PrefetchStream* prefetch = nullptr) {
+  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false, prefetch);
 }
 
 // Per-token reduction of per-route rows: out[t] = sum_j weight * rows[route(t, j)], converted.
@@ -575,14 +575,20 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
     //    (expert, column chunk): its B operand is made once and used by all of the expert's rows.
     //    The down part writes dh = w dh_raw out per slot instead; h is the one its forward was given.
-    if (part != Part::gate_up) wk.for_each(n_active * i_chunks, [&](int64_t task) {
+    if (part != Part::gate_up) wk.for_each_ahead(n_active * i_chunks, [&](int64_t task, int64_t next) {
       const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = kPanelsPerBlock * chunk;
       const PanelLayout& L = W.layout(Gemm::down_t);
       const int np = int(std::min<int64_t>(kPanelsPerBlock, i_panels - p0));
       const bf16* B = W.operand(Gemm::down_t, plan.active[slot], p0, np, ks, operand);
+      PrefetchStream ahead;  // the next task's operand source, read while this GEMM runs
+      if (next >= 0) {
+        const int64_t q0 = kPanelsPerBlock * (next % i_chunks);
+        ahead = W.operand_source(Gemm::down_t, plan.active[next / i_chunks], q0,
+                                 std::min<int64_t>(kPanelsPerBlock, i_panels - q0));
+      }
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, I - col);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock);
+        gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock, &ahead);
         if (lora)
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
                       w.coef_bd.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
@@ -621,7 +627,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       });
 
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.
-    wk.for_each(n_active * h_chunks + n_active * grad_tasks_per_expert, [&](int64_t task) {
+    wk.for_each_ahead(n_active * h_chunks + n_active * grad_tasks_per_expert, [&](int64_t task, int64_t next) {
       if (task < n_active * h_chunks) {  // dx rows, per (expert, column chunk) as in 3
         if (part == Part::down) return;
         const int64_t slot = task / h_chunks;
@@ -629,9 +635,15 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const PanelLayout& L = W.layout(Gemm::gate_up_t);
         const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
         const bf16* B = W.operand(Gemm::gate_up_t, plan.active[slot], p0, np, ks, operand);
+        PrefetchStream ahead;  // the next dx task's operand source, read while this GEMM runs
+        if (next >= 0 && next < n_active * h_chunks) {
+          const int64_t q0 = (next % h_chunks) * kPanelsPerBlock;
+          ahead = W.operand_source(Gemm::gate_up_t, plan.active[next / h_chunks], q0,
+                                   std::min(kPanelsPerBlock, L.panels - q0));
+        }
         const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
         w.blocks.for_expert(slot, [&](const RowBlock& b) {
-          gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock);
+          gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock, &ahead);
           if (lora)
             lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
                         w.coef_cgu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, p0, np,

@@ -361,6 +361,20 @@ void PackedExperts::make_operand(Gemm g, int64_t e, int64_t p0, int64_t np, Tran
   }
 }
 
+PrefetchStream PackedExperts::operand_source(Gemm g, int64_t e, int64_t p0, int64_t np) const {
+  const bool transposed = g == Gemm::down_t || g == Gemm::gate_up_t;
+  if (!transposed || backward == BackwardWeights::resident || storage != Storage::bf16) return {};
+  const Gemm f = g == Gemm::down_t ? Gemm::down : Gemm::gate_up;
+  const PanelLayout& src = layout(f);
+  // make_operand reads pair-rows [8 p0, 8 (p0 + np)) of every source panel: 8 np lines of 64 bytes.
+  PrefetchStream s;
+  s.base = reinterpret_cast<const char*>(packed(f, e) + p0 * 8 * 2 * kPanelCols);
+  s.run_lines = 8 * np;
+  s.run_stride = src.panel_stride() * int64_t(sizeof(bf16));
+  s.runs = src.panels;
+  return s;
+}
+
 const bf16* PackedExperts::operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks,
                                    bf16* buffer) const {
   const bool forward = g == Gemm::gate_up || g == Gemm::down;

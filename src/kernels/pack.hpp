@@ -95,6 +95,9 @@ class PackedExperts {
   // (operand_buffer_elements(g, np) elements; none needed where it is 0) with the kernels'
   // decode_panels and transpose_panels.
   const bf16* operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks, bf16* buffer) const;
+  // What operand(g, e, p0, np) reads when it transposes bf16 panels, as a stream to prefetch while
+  // the previous operand is in use; empty for the other operands.
+  PrefetchStream operand_source(Gemm g, int64_t e, int64_t p0, int64_t np) const;
   int64_t operand_buffer_elements(Gemm g, int64_t np) const;
 
   // Expert e's weights as the kernels multiply them, fp32: gate, up [I][H], down [H][I].

@@ -28,7 +28,7 @@ double kernel_peak_gflops(Isa isa, int threads, double seconds) {
     int64_t n = 0;
     const auto end = clock::now() + std::chrono::duration<double>(seconds);
     while (clock::now() < end) {
-      for (int i = 0; i < 64; ++i) ks.gemm(A.data(), lda, rows, B.data(), panel, K / 2, np, c, np * kPanelCols, i > 0);
+      for (int i = 0; i < 64; ++i) ks.gemm(A.data(), lda, rows, B.data(), panel, K / 2, np, c, np * kPanelCols, i > 0, nullptr);
       n += 64;
     }
     calls += n;

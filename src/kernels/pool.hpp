@@ -21,6 +21,18 @@ class Team {
   void barrier();
   // Runs fn(i) for i in [0, n) across the team, then a barrier. Every worker must call it,
   // in the same order (the phase counter tells the calls apart).
+  // for_each where each worker claims its next index before running the current one: fn(i, next)
+  // gets the index this worker runs after i (or -1), so it can prefetch that task's data.
+  template <class F>
+  void for_each_ahead(int tid_phase_slot, int64_t n, F&& fn) {
+    std::atomic<int64_t>& next = counters_[tid_phase_slot % kPhases];
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;) {
+      const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+      fn(i, j < n ? j : int64_t(-1));
+      i = j;
+    }
+    barrier();
+  }
   template <class F>
   void for_each(int tid_phase_slot, int64_t n, F&& fn) {
     std::atomic<int64_t>& next = counters_[tid_phase_slot % kPhases];
@@ -47,6 +59,10 @@ class Worker {
   template <class F>
   void for_each(int64_t n, F&& fn) {
     team_.for_each(phase_++, n, std::forward<F>(fn));
+  }
+  template <class F>
+  void for_each_ahead(int64_t n, F&& fn) {
+    team_.for_each_ahead(phase_++, n, std::forward<F>(fn));
   }
   void barrier() { team_.barrier(); }
 
