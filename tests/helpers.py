@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import pathlib
+import subprocess
 import sys
+import textwrap
 from collections.abc import Mapping
 
 import numpy as np
@@ -228,3 +231,12 @@ def settle():
     gc.collect()
     gc.collect()
     ktf().release_workspaces()
+
+
+def run_python_json(code: str) -> dict:
+    """Runs code in a fresh interpreter (tests/ on its path); returns the JSON its last line prints."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

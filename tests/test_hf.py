@@ -5,16 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from helpers import TOL, rel_err  # noqa: E402
+from helpers import TOL, rel_err, run_python_json  # noqa: E402
 from hf_models import TINY_CONFIGS, batch, build, lora_grads, randomize_lora_b, tiny_config, torch_twin  # noqa: E402
 
 from kt_functional import ExpertWeights, hf  # noqa: E402
@@ -161,17 +158,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run_python(code: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_patch_frees_torch_expert_weights():
     """RSS after patching = RSS before - torch expert bytes + packed bytes (the torch copies are really freed)."""
-    r = _run_python("""
+    r = run_python_json("""
         import gc, json, os, torch
         from hf_models import build
         from kt_functional import hf
@@ -269,7 +258,7 @@ def test_load_experts_peak_rss(tmp_path):
     layer_bytes = sum(p.nbytes for n, p in model.named_parameters() if "layers.0.mlp.experts" in n)
     all_bytes = 8 * layer_bytes
     del model
-    r = _run_python(f"""
+    r = run_python_json(f"""
         import json, os, torch
         from kt_functional import ExpertWeights, hf
         def status(field):  # VmHWM: this process's peak RSS (a fresh mm after exec, unlike ru_maxrss)

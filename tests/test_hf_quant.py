@@ -6,14 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from helpers import TOL, rel_err
+from helpers import TOL, rel_err, run_python_json
 from hf_models import batch, build, lora_grads, randomize_lora_b, tiny_config, torch_twin
 
 from kt_functional import ExpertWeights, hf, quant
@@ -162,14 +159,6 @@ def test_checkpoint_quantization_config_errors(tmp_path):
         hf.patch_model(copy.deepcopy(base), storage="int5")
 
 
-def _run_python(code: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("storage", ["fp8_block", "int4_group"])
 def test_quantized_checkpoint_peak_rss(storage, tmp_path):
     """Streaming a quantized checkpoint: peak RSS <= packed size + one quantized layer (+ slack), less than a
@@ -180,7 +169,7 @@ def test_quantized_checkpoint_peak_rss(storage, tmp_path):
     quantized_checkpoint(model, tmp_path, storage, max_shard_size="layer")
     bf16_layer = sum(p.nbytes for n, p in model.named_parameters() if "layers.0.mlp.experts" in n)
     del model
-    r = _run_python(f"""
+    r = run_python_json(f"""
         import json, torch
         from kt_functional import ExpertWeights, hf
         def status(field):  # VmHWM: this process's peak RSS
