@@ -81,12 +81,10 @@ class LoraPanels {
     auto pack = [&](Which w, const MatrixView& m, int64_t K, int64_t N, int64_t k_offset, int64_t first_panel,
                     int64_t panel_step) {
       const PanelLayout& l = layouts_[w];
-      pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride());
-      if (!split_) return;
+      // The lo parts: a project's width / 16 panels further, an expand's width K rows further.
       const bool is_project = w == kProjectGateUp || w == kProjectDown;
-      const int64_t lo_k = is_project ? k_offset : k_offset + width_[w];
-      const int64_t lo_panel = is_project ? first_panel + width_[w] / kPanelCols : first_panel;
-      pack_panels(m, K, N, l.Kp, lo_k, panel_step, base + offset_[w] + lo_panel * l.panel_stride(), PackPart::low);
+      const int64_t lo_delta = !split_ ? 0 : is_project ? width_[w] / kPanelCols * l.panel_stride() : width_[w] * kPanelCols;
+      pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride(), lo_delta);
     };
     const int64_t up_panel = R / kPanelCols;
     if (!backward_) {

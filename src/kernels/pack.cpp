@@ -11,21 +11,17 @@
 namespace kt {
 namespace {
 
-template <PackPart P>
-inline bf16 to_packed(float v) {
-  const bf16 high = f32_to_bf16(v);
-  return P == PackPart::high ? high : f32_to_bf16(v - bf16_to_f32(high));
-}
-template <PackPart P>
-inline bf16 to_packed(bf16 v) {  // bf16 sources are copied bit for bit (they have no low part)
-  return P == PackPart::high ? v : bf16(0);
-}
+inline bf16 to_packed(float v) { return f32_to_bf16(v); }
+inline bf16 to_packed(bf16 v) { return v; }  // bf16 sources are copied bit for bit
+inline bf16 low_part(float v) { return f32_to_bf16(v - bf16_to_f32(f32_to_bf16(v))); }
+inline bf16 low_part(bf16) { return bf16(0); }  // bf16 sources have no low part
 
 using word = uint32_t __attribute__((may_alias));  // a (k, k+1) pair of a panel row
 
-template <PackPart P, class T>
+// kLow: also write each value's low part lo_delta elements after its high part (one read of the source).
+template <bool kLow, class T>
 void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
-                int64_t panel_step, bf16* dst) {
+                int64_t panel_step, bf16* dst, int64_t lo_delta) {
   const int64_t panel_stride = Kp * kPanelCols;
   for (int64_t j = 0; j * kPanelCols < N; ++j) {
     bf16* pd = dst + j * panel_step * panel_stride;
@@ -33,22 +29,28 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
     const T* ps = src + j * kPanelCols * sn;
     auto single_row = [&](int64_t k) {  // a row without its pair partner in this matrix
       const int64_t kk = k + k_offset;
-      for (int64_t n = 0; n < cols; ++n) pd[(kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1)] = to_packed<P>(ps[k * sk + n * sn]);
+      for (int64_t n = 0; n < cols; ++n) {
+        bf16* d = pd + (kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1);
+        *d = to_packed(ps[k * sk + n * sn]);
+        if constexpr (kLow) d[lo_delta] = low_part(ps[k * sk + n * sn]);
+      }
     };
     int64_t k0 = 0, k1 = K;
     if (k_offset & 1) single_row(k0++);
     if ((k1 - k0) & 1) single_row(--k1);
     // Two source rows make one panel row of (k, k+1) words; walk the source in its contiguous direction.
-    auto pair = [&](int64_t k, int64_t n) {
-      return uint32_t(to_packed<P>(ps[k * sk + n * sn])) | uint32_t(to_packed<P>(ps[(k + 1) * sk + n * sn])) << 16;
-    };
     word* rows = reinterpret_cast<word*>(pd) + ((k0 + k_offset) >> 1) * kPanelCols;
+    auto put = [&](word* row, int64_t k, int64_t n) {
+      const T a = ps[k * sk + n * sn], b = ps[(k + 1) * sk + n * sn];
+      *row = uint32_t(to_packed(a)) | uint32_t(to_packed(b)) << 16;
+      if constexpr (kLow) row[lo_delta / 2] = uint32_t(low_part(a)) | uint32_t(low_part(b)) << 16;
+    };
     if (sn == 1) {
       for (int64_t k = k0; k < k1; k += 2, rows += kPanelCols)
-        for (int64_t n = 0; n < cols; ++n) rows[n] = pair(k, n);
+        for (int64_t n = 0; n < cols; ++n) put(rows + n, k, n);
     } else {
       for (int64_t n = 0; n < cols; ++n)
-        for (int64_t k = k0, q = 0; k < k1; k += 2, ++q) rows[q * kPanelCols + n] = pair(k, n);
+        for (int64_t k = k0, q = 0; k < k1; k += 2, ++q) put(rows + q * kPanelCols + n, k, n);
     }
   }
 }
@@ -144,18 +146,18 @@ void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t 
 }
 
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
-                 bf16* dst, PackPart part) {
-  auto pack = [&](auto p) {
-    constexpr PackPart P = decltype(p)::value;
+                 bf16* dst, int64_t lo_delta) {
+  auto pack = [&](auto low) {
+    constexpr bool kLow = decltype(low)::value;
     if (src.dtype == DType::f32)
-      pack_typed<P>(static_cast<const float*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+      pack_typed<kLow>(static_cast<const float*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst, lo_delta);
     else
-      pack_typed<P>(static_cast<const bf16*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst);
+      pack_typed<kLow>(static_cast<const bf16*>(src.data), src.sk, src.sn, K, N, Kp, k_offset, panel_step, dst, lo_delta);
   };
-  if (part == PackPart::high)
-    pack(std::integral_constant<PackPart, PackPart::high>{});
+  if (lo_delta)
+    pack(std::true_type{});
   else
-    pack(std::integral_constant<PackPart, PackPart::low>{});
+    pack(std::false_type{});
 }
 
 void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,

@@ -31,15 +31,13 @@ struct MatrixView {
   int64_t sk, sn;
 };
 
-// Which bf16 part of each value pack_panels writes: bf16(v), or for fp32 sources the remainder
-// bf16(v - bf16(v)) (the two together carry v to ~16 bits).
-enum class PackPart { high, low };
-
 // Writes the K x N matrix src into panels starting at dst, rows shifted by k_offset (even),
 // panel j at dst + j * panel_step * panel_stride (panel_step 2 interleaves two matrices).
-// Entries it does not write (padding) must already be zero.
+// Entries it does not write (padding) must already be zero. lo_delta (even, non-zero): each value v
+// also gets its low part bf16(v - bf16(v)) written lo_delta elements after bf16(v) (the two carry an
+// fp32 v to ~16 bits; zero for bf16 sources).
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
-                 bf16* dst, PackPart part = PackPart::high);
+                 bf16* dst, int64_t lo_delta = 0);
 
 // The GEMMs of the layer, each with its B operand (MATH.md):
 //   gate_up:   g|u  = x Wg^T | x Wu^T    K=H,    N=2*I16, gate and up panels interleaved
