@@ -67,17 +67,24 @@ def test_dequantize_matches_reference_decoder(storage):
         assert torch.equal(mine, expected), f"{storage} {name}: max diff {(mine - expected).abs().max()}"
 
 
-@pytest.mark.parametrize("storage", QUANTIZED)
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_backward_match_reference(isa, storage, case):
-    prob = make_problem(**CASES[case], seed=11 + list(CASES).index(case))
-    weights = quantized_weights(prob, storage)
+def check_dequantized_reference(weights, prob, isa, where):
+    """Forward + backward of `weights` (with the problem's LoRA) vs the fp32 reference run on its
+    dequantize()'d values; returns (y, grads, gy, (gate, up, down))."""
     gate, up, down = weights.dequantize()
     gy = make_gy(prob)
     state = ktf().MoEState(weights, make_lora(prob), threads=2, isa=isa)
     y, grads = fwd_bwd(state, prob.x, prob.ids, prob.w, gy)
     y_ref, g_ref = reference(prob, gy=gy, gate=gate, up=up, down=down)
-    assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/{storage}/{case}]")
+    assert_matches_reference(y, grads, y_ref, g_ref, where=where)
+    return y, grads, gy, (gate, up, down)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_match_reference(isa, storage, case):
+    prob = make_problem(**CASES[case], seed=11 + list(CASES).index(case))
+    weights = quantized_weights(prob, storage)
+    y, grads, gy, (gate, up, down) = check_dequantized_reference(weights, prob, isa, f"[{isa}/{storage}/{case}]")
     # The decoded operands are exactly the bf16 values dequantize() reports: a bf16 state packed from
     # them gives bitwise the same outputs (forward GEMMs and both transposed backward GEMMs).
     twin = ktf().MoEState(ktf().ExpertWeights.from_tensors(gate, up, down), make_lora(prob), threads=2, isa=isa)
@@ -262,12 +269,7 @@ def test_partitioned_quantized_weights(isa, storage):
     prob = make_problem(**CASES["wide"], seed=31)
     weights = ktf().ExpertWeights.from_tensors(prob.gate, prob.up, prob.down, storage=storage, partitions=2)
     assert weights.partitions == 2 and weights.storage == storage
-    gate, up, down = weights.dequantize()
-    gy = make_gy(prob)
-    state = ktf().MoEState(weights, make_lora(prob), threads=2, isa=isa)
-    y, grads = fwd_bwd(state, prob.x, prob.ids, prob.w, gy)
-    y_ref, g_ref = reference(prob, gy=gy, gate=gate, up=up, down=down)
-    assert_matches_reference(y, grads, y_ref, g_ref, where=f"[{isa}/{storage}/partitions=2]")
+    *_, (gate, up, down) = check_dequantized_reference(weights, prob, isa, f"[{isa}/{storage}/partitions=2]")
     back = pickle.loads(pickle.dumps(weights))
     assert back.partitions == 2 and back.storage == storage
     assert all(torch.equal(a, b) for a, b in zip(back.dequantize(), (gate, up, down)))
