@@ -230,10 +230,11 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 }
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
-constexpr KernelSet make_kernel_set(Isa isa, int mr, GemmFn gemm, TransposePanelsFn transpose_panels,
+constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
                                    DecodePanelsFn decode_panels) {
   return KernelSet{isa,
                    mr,
+                   row_multiple,
                    gemm,
                    transpose_panels,
                    decode_panels,

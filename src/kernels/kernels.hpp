@@ -34,8 +34,9 @@ struct PrefetchStream {
 };
 
 // Micro-kernel: C[rows x 16*np] (= or +=) A[rows x K] * B, where A is bf16 row-major (lda elements,
-// K = 2*kpairs, a multiple of 32), rows a multiple of the set's mr, and B is np panels, panel p at
-// B + p*panel_stride. Tile math only: never sees an edge (rows are padded to mr, K and N by the packer).
+// K = 2*kpairs, a multiple of 32), rows a multiple of the set's row_multiple, and B is np panels, panel p
+// at B + p*panel_stride. Tile math only: never sees a K or N edge (padded by the packer); rows are
+// padded to row_multiple where the unit needs whole tiles (AMX), else taken as they come.
 // `prefetch` (may be null) is advanced as the K steps run.
 using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride,
                         int64_t kpairs, int np, float* C, int64_t ldc, bool accumulate, PrefetchStream* prefetch);
@@ -116,7 +117,8 @@ using GateBackwardFn = float (*)(const ExpertVariant& v, const float* dh_raw, co
 
 struct KernelSet {
   Isa isa;
-  int mr;  // rows of A per micro-kernel call
+  int mr;            // rows of A per register (or tile) block of the micro-kernel
+  int row_multiple;  // A operands' rows are padded per expert to a multiple of this (AMX: a tile's 16)
   GemmFn gemm;
   TransposePanelsFn transpose_panels;
   DecodePanelsFn decode_panels;

@@ -105,9 +105,9 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 }  // namespace
 
 #if KT_AMX_NATIVE
-extern const KernelSet kAmxKernels = make_kernel_set(Isa::amx, kMr, gemm, transpose_panels_avx512, decode_panels_avx512);
+extern const KernelSet kAmxKernels = make_kernel_set(Isa::amx, kMr, kMr, gemm, transpose_panels_avx512, decode_panels_avx512);
 #else
-extern const KernelSet kAmxEmulatedKernels = make_kernel_set(Isa::amx_emulated, kMr, gemm, transpose_panels_generic,
+extern const KernelSet kAmxEmulatedKernels = make_kernel_set(Isa::amx_emulated, kMr, kMr, gemm, transpose_panels_generic,
                                                                 decode_panels_portable);
 #endif
 

@@ -9,7 +9,7 @@
 namespace kt {
 namespace {
 
-constexpr int64_t kRowBlock = 64;        // rows of A per task (a multiple of every ISA's mr)
+constexpr int64_t kRowBlock = 64;        // rows of A per task (a multiple of every ISA's mr and row_multiple)
 // Output columns per task: 6 panels, a whole number of every micro-kernel's register or tile
 // blocks (AVX-512: 3 panels, AMX: 2), so no call runs a narrow remainder.
 constexpr int64_t kPanelsPerBlock = 6;
@@ -266,7 +266,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const Part part = a.part;
   auto cache = std::make_shared<ForwardCache>(RoutingPlan(a.ids, a.w, T, a.k, weights->E), H, I, r,
                                               a.save_for_backward, part);
-  const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.mr);
+  const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.row_multiple);
   const int64_t M = poff[weights->E];
 
   struct Workspace {
@@ -463,7 +463,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   const Part part = cache->part;
   if ((part == Part::down) != (a.dh_out != nullptr) || (part == Part::gate_up) != (a.dgu_in != nullptr))
     throw std::invalid_argument("cache: made by the forward of another part of the layer");
-  const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.mr);
+  const std::vector<int64_t> poff = cache->plan.padded_offsets(ks.row_multiple);
   const int64_t M = poff[weights->E];
   const int64_t i_panels = ceil_div(I, kPanelCols);
   const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock);
