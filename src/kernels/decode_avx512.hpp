@@ -28,6 +28,7 @@ struct RowScales {
     hi = _mm512_permutexvar_ps(_mm512_add_epi32(first, _mm512_set1_epi32(8)), columns);
   }
   explicit RowScales(float all) : lo(_mm512_set1_ps(all)), hi(lo) {}
+  RowScales() = default;
 };
 
 inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
@@ -38,6 +39,12 @@ inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
 // kPrefetchBytes ahead.
 constexpr int64_t kPrefetchBytes = 1024;
 inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
+
+// Scales sit after a panel's codes, a stream of their own too small for the hardware prefetcher to
+// pick up: a scale load missed on every group (a quarter of an int4 decode's time) until each group
+// also asks for the one kScaleGroupsAhead further.
+constexpr int64_t kScaleGroupsAhead = 4;
+inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
@@ -52,92 +59,124 @@ inline void fp8_row(const uint8_t* p, __m512& lo, __m512& hi) {
   hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
 
-inline __m512 group_scales(const uint8_t* scales, Storage storage, ScaleType type, int64_t group) {
-  if (storage == Storage::mxfp4) {  // E8M0: 2^(e - 127), e = 0 is the fp32 denormal 2^-127
-    const __m512i e = bytes16(scales + group * kPanelCols);
-    const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
-                                               _mm512_set1_epi32(0x00400000));
-    return _mm512_castsi512_ps(bits);
+// The formats: bytes per pair-row, pair-rows per scale group (a panel's scales change at multiples
+// of it), the scales of a group, and a pair-row's values (before scaling).
+struct Int8Format {
+  static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
+  static RowScales scales(const uint8_t* s, int64_t) { return RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(s))); }
+  static int64_t scale_bytes(int64_t) { return 0; }
+  void values(const uint8_t* p, __m512& lo, __m512& hi) const {
+    const __m128i* c = reinterpret_cast<const __m128i*>(p);
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
   }
-  if (type == ScaleType::f32) return _mm512_loadu_ps(reinterpret_cast<const float*>(scales) + group * kPanelCols);
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + group * kPanelCols * 2));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+};
+
+struct Fp8BlockFormat {
+  static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
+  static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(reinterpret_cast<const float*>(s)[group] * 256.0f); }
+  static int64_t scale_bytes(int64_t groups) { return groups * 4; }
+  void values(const uint8_t* p, __m512& lo, __m512& hi) const { fp8_row(p, lo, hi); }
+};
+
+// int4_group and mxfp4: a code's value from a 16-entry table (vpermps reads an index's low 4 bits).
+struct FourBitFormat {
+  static constexpr int64_t kRowBytes = 16, kGroupPairs = 16;  // one scale per (32 rows, column)
+  Storage storage;
+  ScaleType type;
+  __m512 table;
+  RowScales scales(const uint8_t* s, int64_t group) const {
+    if (storage == Storage::mxfp4) {  // E8M0: 2^(e - 127), e = 0 is the fp32 denormal 2^-127
+      const __m512i e = bytes16(s + group * kPanelCols);
+      const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+                                                 _mm512_set1_epi32(0x00400000));
+      return RowScales(_mm512_castsi512_ps(bits));
+    }
+    if (type == ScaleType::f32) return RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(s) + group * kPanelCols));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + group * kPanelCols * 2));
+    return RowScales(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+  }
+  int64_t scale_bytes(int64_t groups) const {
+    return groups * kPanelCols * (storage == Storage::mxfp4 ? 1 : type == ScaleType::f32 ? 4 : 2);
+  }
+  void values(const uint8_t* p, __m512& lo, __m512& hi) const {
+    const __m512i x = bytes16(p);
+    lo = _mm512_permutexvar_ps(x, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+  }
+};
+
+// Pair-rows [q0, q0 + nq) of N panels in lock-step (row q of every panel, then q + 1), like the
+// micro-kernel's reads of B: several sequential streams at once keep more of memory's bandwidth than
+// one, each also prefetched ahead. Scales are set per group, outside the inner loop.
+template <int N, class Format>
+void decode_streams(const Format& f, const QuantPanels& src, const uint8_t* const* panels, int64_t q0, int64_t nq,
+                    bf16* const* out) {
+  constexpr int kRow = 2 * kPanelCols;
+  constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
+  RowScales s[N] = {};
+  for (int64_t q = q0; q < q0 + nq;) {
+    const int64_t group = q / Format::kGroupPairs;
+    const int64_t end = std::min(q0 + nq, (group + 1) * Format::kGroupPairs);
+    for (int j = 0; j < N; ++j) {
+      const uint8_t* scales = panels[j] + src.scale_offset;
+      s[j] = f.scales(scales, group);
+      prefetch_scales(scales + f.scale_bytes(group + kScaleGroupsAhead));
+    }
+    for (; q < end; ++q) {
+      for (int j = 0; j < N; ++j) {
+        const uint8_t* codes = panels[j] + q * Format::kRowBytes;
+        if (q % kRowsPerLine == 0) prefetch_ahead(codes);
+        __m512 lo, hi;
+        f.values(codes, lo, hi);
+        store_row(out[j] + (q - q0) * kRow, lo, hi, s[j]);
+      }
+    }
+  }
 }
 
-// Rows of several panels in turn: like the micro-kernel's reads of B, a few sequential streams at once
-// keep more of memory's bandwidth than one (each also prefetched ahead).
-constexpr int kStreams = 3;
+// Up to kStreams panels at a time.
+constexpr int kStreams = 6;
 
-// Decodes pair-rows [q0, q0 + nq) of up to kStreams panels in turn. row(j, q, out) writes panel j's row q;
-// scales(j, q) is called where panel j's scales change (the first row and every group of 16 pair-rows).
-template <class Scales, class Row>
-inline void decode_streams(const uint8_t* const* panels, int n, int64_t q0, int64_t nq, int64_t row_bytes,
-                           bf16* const* out, Scales&& scales, Row&& row) {
-  constexpr int kRow = 2 * kPanelCols;
-  for (int64_t q = q0; q < q0 + nq; ++q) {
+template <class Format>
+void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
+                   int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride) {
+  for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
+    const int n = int(std::min<int64_t>(kStreams, np - j0));
+    const uint8_t* panels[kStreams];
+    bf16* out[kStreams];
     for (int j = 0; j < n; ++j) {
-      if (q == q0 || q % 16 == 0) scales(j, q);
-      if ((q * row_bytes) % 64 == 0) prefetch_ahead(panels[j] + q * row_bytes);
-      row(j, q, out[j] + (q - q0) * kRow);
+      panels[j] = src.data + (first_panel + (j0 + j) * panel_step) * src.panel_bytes;
+      out[j] = dst + (j0 + j) * dst_panel_stride;
+    }
+    switch (n) {
+      case 1: decode_streams<1>(f, src, panels, q0, nq, out); break;
+      case 2: decode_streams<2>(f, src, panels, q0, nq, out); break;
+      case 3: decode_streams<3>(f, src, panels, q0, nq, out); break;
+      case 4: decode_streams<4>(f, src, panels, q0, nq, out); break;
+      case 5: decode_streams<5>(f, src, panels, q0, nq, out); break;
+      default: decode_streams<6>(f, src, panels, q0, nq, out); break;
     }
   }
 }
 
 void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                           int64_t nq, bf16* dst, int64_t dst_panel_stride) {
-  constexpr int kRow = 2 * kPanelCols;
-  const __m512 e2m1 = _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f, 2.0f,
-                                    1.5f, 1.0f, 0.5f, 0.0f);
-  const __m512 int4 = _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0);  // two's complement
-  for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
-    const int n = int(std::min<int64_t>(kStreams, np - j0));
-    const uint8_t* panels[kStreams];
-    bf16* out[kStreams];
-    RowScales s[kStreams] = {RowScales(0.0f), RowScales(0.0f), RowScales(0.0f)};
-    for (int j = 0; j < n; ++j) {
-      panels[j] = src.data + (first_panel + (j0 + j) * panel_step) * src.panel_bytes;
-      out[j] = dst + (j0 + j) * dst_panel_stride;
-    }
-    auto scales_of = [&](int j) { return panels[j] + src.scale_offset; };
-    switch (src.storage) {
-      case Storage::int8:
-        decode_streams(
-            panels, n, q0, nq, kRow, out,
-            [&](int j, int64_t q) {
-              if (q == q0) s[j] = RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(scales_of(j))));
-            },
-            [&](int j, int64_t q, bf16* o) {
-              const __m128i* c = reinterpret_cast<const __m128i*>(panels[j] + q * kRow);
-              store_row(o, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))),
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))), s[j]);
-            });
-        break;
-      case Storage::fp8_block:
-        decode_streams(
-            panels, n, q0, nq, kRow, out,
-            [&](int j, int64_t q) { s[j] = RowScales(reinterpret_cast<const float*>(scales_of(j))[q / 64] * 256.0f); },
-            [&](int j, int64_t q, bf16* o) {
-              __m512 lo, hi;
-              fp8_row(panels[j] + q * kRow, lo, hi);
-              store_row(o, lo, hi, s[j]);
-            });
-        break;
-      case Storage::int4_group:
-      case Storage::mxfp4: {  // the code's value from a 16-entry table (vpermps reads an index's low 4 bits)
-        const __m512 values = src.storage == Storage::mxfp4 ? e2m1 : int4;
-        decode_streams(
-            panels, n, q0, nq, kPanelCols, out,
-            [&](int j, int64_t q) { s[j] = RowScales(group_scales(scales_of(j), src.storage, src.scale_type, q / 16)); },
-            [&](int j, int64_t q, bf16* o) {
-              const __m512i x = bytes16(panels[j] + q * kPanelCols);
-              store_row(o, _mm512_permutexvar_ps(x, values), _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), values),
-                        s[j]);
-            });
-        break;
-      }
-      default:
-        break;
-    }
+  auto run = [&](const auto& format) { decode_format(format, src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride); };
+  switch (src.storage) {
+    case Storage::int8:
+      return run(Int8Format{});
+    case Storage::fp8_block:
+      return run(Fp8BlockFormat{});
+    case Storage::int4_group:
+      return run(FourBitFormat{src.storage, src.scale_type,  // two's complement
+                               _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)});
+    case Storage::mxfp4:
+      return run(FourBitFormat{src.storage, src.scale_type,
+                               _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f,
+                                             2.0f, 1.5f, 1.0f, 0.5f, 0.0f)});
+    default:
+      return;
   }
 }
 

@@ -193,6 +193,7 @@ struct ExpertBlocks {
   std::vector<int64_t> slot_of;  // active slot of each block
   int64_t slot(int64_t block) const { return slot_of[block]; }
   int64_t size() const { return int64_t(blocks.size()); }
+  bool single(int64_t slot) const { return first[slot + 1] - first[slot] == 1; }
   int64_t experts() const { return int64_t(first.size()) - 1; }
   const RowBlock& operator[](int64_t i) const { return blocks[i]; }
   template <class F>
@@ -205,6 +206,24 @@ struct ExpertBlocks {
 void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
                int np, float* C, int64_t ldc, PrefetchStream* prefetch = nullptr) {
   ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false, prefetch);
+}
+
+// Pair-rows per chunk of a forward operand decoded just before use: 6 panels of them are 24 KiB (L1).
+constexpr int64_t kDecodePairs = 64;
+
+// C[rows][16*np] = A x panels [p0, p0 + np) of expert e's forward GEMM g. B: the operand made for the
+// whole column block (shared by the expert's row blocks), or null: an expert with one row block
+// (the memory-bound case) decodes its codes a chunk of K at a time into `buffer` and runs each
+// chunk while it is in L1, so the codes stream with the GEMM instead of in a pass of their own.
+void forward_gemm(const KernelSet& ks, const PackedExperts& W, Gemm g, int64_t e, int64_t p0, int np, const bf16* B,
+                  bf16* buffer, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc) {
+  const PanelLayout& L = W.layout(g);
+  if (B) return gemm_rows(ks, A, lda, rows, B, L, np, C, ldc);
+  for (int64_t q0 = 0; q0 < L.Kp / 2; q0 += kDecodePairs) {
+    const int64_t nq = std::min(kDecodePairs, L.Kp / 2 - q0);
+    const PackedExperts::OperandView op = W.forward_operand(g, e, p0, np, q0, nq, ks, buffer);
+    ks.gemm(A + 2 * q0, lda, rows, op.data, op.panel_stride, nq, np, C, ldc, q0 > 0, nullptr);
+  }
 }
 
 // Per-token reduction of per-route rows: out[t] = sum_j weight * rows[route(t, j)], converted.
@@ -368,10 +387,11 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
-      const PanelLayout& L = W.layout(Gemm::gate_up);
-      const bf16* B = W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
+      const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
+      const bf16* B = chunked ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        gemm_rows(ks, w.xa.data() + b.prow * Hp, Hp, b.rows, B, L, int(2 * pairs), scratch, kColBlock);
+        forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), chunked ? nullptr : B, operand,
+                     w.xa.data() + b.prow * Hp, Hp, b.rows, scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
                       w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, 2 * j0,
@@ -421,10 +441,12 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      const bf16* B = W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
+      const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
+      const bf16* B = chunked ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        gemm_rows(ks, w.ha.data() + b.prow * Ip, Ip, b.rows, B, L, np, scratch, kColBlock);
+        forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, scratch,
+                     kColBlock);
         if (lora)
           lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
                       w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,

@@ -389,6 +389,13 @@ const bf16* PackedExperts::operand(Gemm g, int64_t e, int64_t p0, int64_t np, co
   return buffer;
 }
 
+PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int64_t p0, int64_t np, int64_t q0,
+                                                         int64_t nq, const KernelSet& ks, bf16* buffer) const {
+  if (storage == Storage::bf16) return {packed(g, e) + p0 * layout(g).panel_stride() + q0 * 2 * kPanelCols, layout(g).panel_stride()};
+  ks.decode_panels(quant_panels(g, e), p0, 1, np, q0, nq, buffer, nq * 2 * kPanelCols);
+  return {buffer, nq * 2 * kPanelCols};
+}
+
 void PackedExperts::dequantize(int64_t e, float* gate, float* up, float* down) const {
   auto at = [](const bf16* panels, int64_t panel_distance, int64_t k, int64_t n) {
     return bf16_to_f32(panels[(n / kPanelCols) * panel_distance + (k >> 1) * 2 * kPanelCols + (n % kPanelCols) * 2 +

@@ -93,6 +93,15 @@ class PackedExperts {
   // (operand_buffer_elements(g, np) elements; none needed where it is 0) with the kernels'
   // decode_panels and transpose_panels.
   const bf16* operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks, bf16* buffer) const;
+  // Pair-rows [q0, q0 + nq) of operand(g, e, p0, np) for a forward GEMM g: a view into the packed
+  // bf16 weights, or (a quantized storage) decoded into `buffer` (np * nq * 32 elements) with panel
+  // stride nq * 32. Lets a macro-kernel decode K a chunk at a time into L1, right before its use.
+  struct OperandView {
+    const bf16* data;
+    int64_t panel_stride;
+  };
+  OperandView forward_operand(Gemm g, int64_t e, int64_t p0, int64_t np, int64_t q0, int64_t nq, const KernelSet& ks,
+                              bf16* buffer) const;
   // What operand(g, e, p0, np) reads when it transposes bf16 panels, as a stream to prefetch while
   // the previous operand is in use; empty for the other operands.
   PrefetchStream operand_source(Gemm g, int64_t e, int64_t p0, int64_t np) const;
