@@ -41,6 +41,12 @@ struct PrefetchStream {
 using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride,
                         int64_t kpairs, int np, float* C, int64_t ldc, bool accumulate, PrefetchStream* prefetch);
 
+// Packs a K x N matrix into panels (pack.hpp's pack_panels; per ISA because the LoRA matrices are
+// packed at every call).
+struct MatrixView;
+using PackPanelsFn = void (*)(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
+                              int64_t panel_step, bf16* dst, int64_t lo_delta);
+
 // Operand maker of the backward GEMMs: the transpose of a packed operand S (src_panels panels of
 // 16 columns, consecutive panels src_panel_distance elements apart) restricted to its rows
 // [k0, k0 + kcount), written as packed panels D = S^T: kcount/16 panels (panel j at
@@ -122,6 +128,7 @@ struct KernelSet {
   GemmFn gemm;
   TransposePanelsFn transpose_panels;
   DecodePanelsFn decode_panels;
+  PackPanelsFn pack_panels;
   // Epilogues per [gated][activation], one template instantiated per entry (elementwise.hpp).
   GateForwardFn gate_forward[2][kActivations];
   GateBackwardFn gate_backward[2][kActivations];

@@ -6,6 +6,7 @@
 
 #include "decode.hpp"
 #include "elementwise.hpp"
+#include "pack.hpp"
 
 namespace kt {
 namespace {
@@ -58,6 +59,7 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 
 }  // namespace
 
-extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, 1, gemm, transpose_panels_generic, decode_panels_portable);
+extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, 1, gemm, transpose_panels_generic, decode_panels_portable,
+                                                      pack_panels);
 
 }  // namespace kt

@@ -69,8 +69,8 @@ class LoraPanels {
   const PanelLayout& layout(Which w) const { return layouts_[w]; }
   const bf16* get(int64_t slot, Which w) const { return data_.data() + slot * offset_[kCount] + offset_[w]; }
 
-  // Packs expert e into slot `slot`; slots are independent (one task each).
-  void prepare(int64_t slot, int64_t e) {
+  // Packs expert e into slot `slot` with the ISA's packer; slots are independent (one task each).
+  void prepare(const KernelSet& ks, int64_t slot, int64_t e) {
     const int64_t r = r_, R = R_, H = H_, I = I_;
     bf16* base = data_.data() + slot * offset_[kCount];
     std::fill(base, base + offset_[kCount], bf16(0));
@@ -84,7 +84,7 @@ class LoraPanels {
       // The lo parts: a project's width / 16 panels further, an expand's width K rows further.
       const bool is_project = w == kProjectGateUp || w == kProjectDown;
       const int64_t lo_delta = !split_ ? 0 : is_project ? width_[w] / kPanelCols * l.panel_stride() : width_[w] * kPanelCols;
-      pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride(), lo_delta);
+      ks.pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride(), lo_delta);
     };
     const int64_t up_panel = R / kPanelCols;
     if (!backward_) {
@@ -362,7 +362,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           std::fill(dst + used, dst + Hp, bf16(0));
         }
       } else if (task < n_blocks + n_lora) {
-        w.lora->prepare(task - n_blocks, plan.active[task - n_blocks]);
+        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
       } else {
         int64_t t0 = (task - n_blocks - n_lora) * kTokenBlock;
         std::memcpy(c.x.data() + t0 * H, x_in + t0 * H, std::min(kTokenBlock, T - t0) * H * sizeof(bf16));
@@ -549,7 +549,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     //    gate_up part gathers its given [dg | du] instead of gy.
     wk.for_each(n_blocks + n_lora, [&](int64_t task) {
       if (task >= n_blocks) {
-        w.lora->prepare(task - n_blocks, plan.active[task - n_blocks]);
+        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
         return;
       }
       const RowBlock& b = w.blocks[task];
