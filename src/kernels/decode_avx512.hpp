@@ -48,15 +48,18 @@ inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<co
 
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// A pair-row of 32 e4m3fn codes as 2^-8 times their values, elements 0..15 in lo and 16..31 in hi:
-// each code's bits moved into fp16 layout (magnitude to bits 7..13, sign to 15), then VCVTPH2PS.
+// A pair-row of 32 e4m3fn codes as 2^-8 times their values, elements 0..15 in lo and 16..31 in hi.
+// Sign-extended to 32 bits, a code shifted left by 20 and masked is an fp32 with the code's exponent
+// and mantissa bits in place and its sign in bit 31: the value times 2^-120 (subnormal codes land on
+// fp32 subnormals, also exact), so one exact multiply by 2^112 gives value * 2^-8.
+inline __m512 fp8_times_2_pow_m8(__m512i sign_extended) {
+  const __m512i bits = _mm512_and_si512(_mm512_slli_epi32(sign_extended, 20), _mm512_set1_epi32(int32_t(0x87f00000u)));
+  return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0x1p112f));
+}
 inline void fp8_row(const uint8_t* p, __m512& lo, __m512& hi) {
-  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i magnitude = _mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(0x3f80));
-  // magnitude | (w << 8) & 0x8000
-  const __m512i h = _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi16(w, 8), _mm512_set1_epi16(int16_t(0x8000)), 0xf8);
-  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  const __m128i* c = reinterpret_cast<const __m128i*>(p);
+  lo = fp8_times_2_pow_m8(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
+  hi = fp8_times_2_pow_m8(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
 }
 
 // The formats: bytes per pair-row, pair-rows per scale group (a panel's scales change at multiples
@@ -109,11 +112,17 @@ struct FourBitFormat {
 // Pair-rows [q0, q0 + nq) of N panels in lock-step (row q of every panel, then q + 1), like the
 // micro-kernel's reads of B: several sequential streams at once keep more of memory's bandwidth than
 // one, each also prefetched ahead. Scales are set per group, outside the inner loop.
+// Everything the loop reads is copied into locals first: the stores (may_alias) would otherwise make
+// the compiler reload the table and the pointers from memory at every row.
 template <int N, class Format>
-void decode_streams(const Format& f, const QuantPanels& src, const uint8_t* const* panels, int64_t q0, int64_t nq,
-                    bf16* const* out) {
+void decode_streams(const Format& format, const QuantPanels& src, const uint8_t* const* panel_codes, int64_t q0,
+                    int64_t nq, bf16* const* panel_out) {
   constexpr int kRow = 2 * kPanelCols;
   constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
+  const Format f = format;
+  const uint8_t* panels[N];
+  bf16* out[N];
+  for (int j = 0; j < N; ++j) panels[j] = panel_codes[j], out[j] = panel_out[j];
   RowScales s[N] = {};
   for (int64_t q = q0; q < q0 + nq;) {
     const int64_t group = q / Format::kGroupPairs;
