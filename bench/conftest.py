@@ -151,7 +151,8 @@ class Layer:
     def state(self, threads: int | None = None, *, variant: str = "default") -> ktf.MoEState:
         """variant: "default"; "resident" (backward_weights="resident": the transposed copy kept);
         "no_lora" (frozen experts, for LoRA's share of the step); "amx_emulated" (tile counts);
-        "storage:<name>" (the weights quantized into that storage format at pack time)."""
+        "storage:<name>" (the weights quantized into that storage format at pack time); "base:<name>"
+        (the same without LoRA: the base layer alone, bf16 included)."""
         threads = threads or all_threads()
         key = (threads, variant)
         if key not in self.states:
@@ -159,14 +160,16 @@ class Layer:
             if variant == "resident":
                 weights = ktf.ExpertWeights.from_tensors(self.gate, self.up, self.down, threads=threads,
                                                          backward_weights="resident")
-            if variant.startswith("storage:"):
+            storage = variant.partition(":")[2] if variant.startswith(("storage:", "base:")) else "bf16"
+            if storage != "bf16":
                 weights = ktf.ExpertWeights.from_tensors(self.gate, self.up, self.down, threads=threads,
-                                                         storage=variant.removeprefix("storage:"))
-            if variant == "no_lora":
+                                                         storage=storage)
+            if variant == "no_lora" or variant.startswith("base:"):
                 lora = None
             isa = "amx_emulated" if variant == "amx_emulated" else None
             # one extra packed copy at most
-            self.states = {k: v for k, v in self.states.items() if k[1] != "resident" and not k[1].startswith("storage:")}
+            self.states = {k: v for k, v in self.states.items()
+                           if k[1] != "resident" and not k[1].startswith(("storage:", "base:"))}
             self.states[key] = ktf.MoEState(weights, lora, threads=threads, isa=isa)
         return self.states[key]
 
@@ -261,12 +264,15 @@ def T(case) -> int:
 SELF_CASES = [("qwen3", T) for T in ((128,) if SMOKE else (1024, 4096))]
 #: Cases of the storage-format benchmarks (memory-bound small T, compute-bound large T).
 STORAGE_CASES = [("qwen3", T) for T in ((16, 128) if SMOKE else (16, 1024))]
+#: The decode-size case of the storage benchmarks (the base layer alone is compared there).
+DECODE_CASES = STORAGE_CASES[:1]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "scaling: thread-scaling benchmark, run only at (qwen3, SCALING_T)")
     config.addinivalue_line("markers", "self_cases: run only at the SELF_CASES")
     config.addinivalue_line("markers", "storage_cases: run only at the STORAGE_CASES")
+    config.addinivalue_line("markers", "decode_cases: run only at the DECODE_CASES")
 
 
 def pytest_generate_tests(metafunc):
@@ -287,7 +293,8 @@ def pytest_collection_modifyitems(config, items):
         case = cs.params.get("case") if cs is not None else None
         is_other_case = ((item.get_closest_marker("scaling") is not None and case != ("qwen3", SCALING_T))
                          or (item.get_closest_marker("self_cases") is not None and case not in SELF_CASES)
-                         or (item.get_closest_marker("storage_cases") is not None and case not in STORAGE_CASES))
+                         or (item.get_closest_marker("storage_cases") is not None and case not in STORAGE_CASES)
+                         or (item.get_closest_marker("decode_cases") is not None and case not in DECODE_CASES))
         (drop if is_other_case else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

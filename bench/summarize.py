@@ -167,8 +167,10 @@ def storage_table(results, shape="qwen3") -> str:
         s, T, kind = key
         impls = results[key]
         bf16 = impls.get("kt")
-        for storage in STORAGES:
-            q = impls.get(f"kt_{storage}")
+        cases = [(storage, kind, impls.get(f"kt_{storage}"), bf16) for storage in STORAGES]
+        cases += [(storage, f"{kind}, no LoRA", impls.get(f"kt_base_{storage}"), impls.get("kt_base_bf16"))
+                  for storage in STORAGES]
+        for storage, label, q, bf16 in cases:
             if s != shape or not q:
                 continue
             speedup = ratio(q, bf16)
@@ -181,7 +183,7 @@ def storage_table(results, shape="qwen3") -> str:
                 status = verdict(slowdown, STORAGE_SLOWDOWN_T1024, higher_is_better=False)
             else:
                 target, status = "-", "-"
-            rows.append([storage, kind, T, ms(q), ms(bf16), fmt_x(speedup),
+            rows.append([storage, label, T, ms(q), ms(bf16), fmt_x(speedup),
                          f"{q['weight_bytes'] / 2**20:,.0f}", f"{bf16['weight_bytes'] / 2**20:,.0f}" if bf16 else "-",
                          f"{q['gb_per_s']:.1f}", target, status])
     return table(["storage", "kind", "T", "ms", "bf16 ms", "speed-up vs bf16", "MiB streamed", "bf16 MiB",

@@ -188,6 +188,19 @@ def test_storage(benchmark, machine, layer, T, kind, storage):
               storage=storage)
 
 
+@pytest.mark.decode_cases
+@pytest.mark.parametrize("storage", ("bf16", "int8", "fp8_block", "int4_group", "mxfp4"))
+def test_storage_base(benchmark, machine, layer, T, storage):
+    """The base layer alone (no LoRA) in each storage, forward at the decode-size case: the
+    bytes-streamed comparison without LoRA's fixed cost (its fp32 matrices are read and packed per
+    call in every storage)."""
+    variant = f"base:{storage}"
+    weights = layer.state(variant=variant).weights
+    step = kt_steps(layer, T, variant=variant)["forward"]
+    run_bench(benchmark, machine, layer, T, "forward", f"kt_base_{storage}", step,
+              expert_bytes=weights.nbytes / layer.shape.E, storage=storage)
+
+
 def kt_split_step(layer, T: int) -> Step:
     """fwd+bwd on the split path (what an experts module's own _apply_gate gets): the kernels' gate/up part,
     silu(g) * u in torch under autograd, the kernels' down part, and back. The same math as kt's fused
