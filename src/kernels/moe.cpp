@@ -37,7 +37,7 @@ class LoraPanels {
  public:
   enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
 
-  LoraPanels(const LoraView& L, int64_t H, int64_t I, int64_t n_active, bool backward)
+  LoraPanels(const LoraView& L, int64_t H, int64_t I, int64_t n_active, bool backward, int threads)
       : L_(L), H_(H), I_(I), r_(L.rank), R_(round_up(L.rank, kPanelCols)), backward_(backward),
         split_(L.dtype == DType::f32) {
     const int64_t r = r_, R = R_, Ip = round_up(I, kKAlign);
@@ -59,6 +59,11 @@ class LoraPanels {
     }
     for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
     data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active), Memory::workspace);
+    prepared_.assign(size_t(n_active), 0);
+    buffer_elements_ = std::max({layouts_[kProjectGateUp].elements(), layouts_[kProjectDown].elements(),
+                                 kPanelsPerBlock * layouts_[kExpandGateUp].panel_stride(),
+                                 kPanelsPerBlock * layouts_[kExpandDown].panel_stride()});
+    buffers_ = Buffer<bf16>(size_t(buffer_elements_ * threads), Memory::workspace);
   }
 
   int64_t rank() const { return r_; }
@@ -67,41 +72,69 @@ class LoraPanels {
   int64_t width(Which w) const { return width_[w]; }
   bool split() const { return split_; }
   const PanelLayout& layout(Which w) const { return layouts_[w]; }
-  const bf16* get(int64_t slot, Which w) const { return data_.data() + slot * offset_[kCount] + offset_[w]; }
 
-  // Packs expert e into slot `slot` with the ISA's packer; slots are independent (one task each).
+  // Packs all of expert e's operands into slot `slot` (the expert's row blocks then share them);
+  // slots are independent (one task each).
   void prepare(const KernelSet& ks, int64_t slot, int64_t e) {
-    const int64_t r = r_, R = R_, H = H_, I = I_;
     bf16* base = data_.data() + slot * offset_[kCount];
     std::fill(base, base + offset_[kCount], bf16(0));
-    auto view = [&](const void* t, int64_t rows, int64_t cols, bool transpose) {  // expert e's [rows][cols]
-      const char* p = static_cast<const char*>(t) + e * rows * cols * (L_.dtype == DType::f32 ? 4 : 2);
-      return transpose ? MatrixView{p, L_.dtype, 1, cols} : MatrixView{p, L_.dtype, cols, 1};
-    };
-    auto pack = [&](Which w, const MatrixView& m, int64_t K, int64_t N, int64_t k_offset, int64_t first_panel,
-                    int64_t panel_step) {
-      const PanelLayout& l = layouts_[w];
-      // The lo parts: a project's width / 16 panels further, an expand's width K rows further.
-      const bool is_project = w == kProjectGateUp || w == kProjectDown;
-      const int64_t lo_delta = !split_ ? 0 : is_project ? width_[w] / kPanelCols * l.panel_stride() : width_[w] * kPanelCols;
-      ks.pack_panels(m, K, N, l.Kp, k_offset, panel_step, base + offset_[w] + first_panel * l.panel_stride(), lo_delta);
+    for (int w = 0; w < kCount; ++w) pack(ks, Which(w), e, 0, layouts_[w].panels, base + offset_[w]);
+    prepared_[slot] = 1;
+  }
+
+  // Panels [p0, p0 + np) (np <= kPanelsPerBlock for an expand) of operand `which` of active slot
+  // `slot` (expert e), panel stride as the layout's: in the slot if it was prepared, else packed now
+  // into worker tid's buffer, valid until its next call. An expert with one row block uses each panel
+  // once, so its operands are packed by the task that uses them into a cache-sized buffer, instead of
+  // written to memory in a pass of their own and read back.
+  const bf16* operand(const KernelSet& ks, int64_t slot, int64_t e, Which which, int64_t p0, int64_t np, int tid) {
+    const PanelLayout& l = layouts_[which];
+    if (prepared_[slot]) return data_.data() + slot * offset_[kCount] + offset_[which] + p0 * l.panel_stride();
+    bf16* buffer = buffers_.data() + tid * buffer_elements_;
+    std::fill(buffer, buffer + np * l.panel_stride(), bf16(0));
+    pack(ks, which, e, p0, np, buffer);
+    return buffer;
+  }
+
+ private:
+  // Packs panels [p0, p0 + np) of expert e's operand `which` into dst (dst's panel 0 = panel p0).
+  void pack(const KernelSet& ks, Which which, int64_t e, int64_t p0, int64_t np, bf16* dst) const {
+    const int64_t r = r_, R = R_, H = H_, I = I_;
+    const size_t elem = L_.dtype == DType::f32 ? 4 : 2;
+    const PanelLayout& l = layouts_[which];
+    // The lo parts: a project's width / 16 panels further, an expand's width K rows further.
+    const bool is_project = which == kProjectGateUp || which == kProjectDown;
+    const int64_t lo_delta = !split_ ? 0 : is_project ? width_[which] / kPanelCols * l.panel_stride() : width_[which] * kPanelCols;
+    // Matrix t (expert e's [rows][cols]) as B (k, n) = t[n][k] (transpose) or t[k][n], its panel j at
+    // operand panel first + j * step: those of its panels that fall in [p0, p0 + np).
+    auto put = [&](Which w, const void* t, int64_t rows, int64_t cols, bool transpose, int64_t K, int64_t N,
+                   int64_t k_offset, int64_t first, int64_t step) {
+      if (w != which) return;
+      const int64_t j0 = std::max<int64_t>(0, ceil_div(p0 - first, step));
+      const int64_t j1 = std::min(ceil_div(N, kPanelCols), p0 + np - first <= 0 ? 0 : ceil_div(p0 + np - first, step));
+      if (j1 <= j0) return;
+      const int64_t sn = transpose ? cols : 1, sk = transpose ? 1 : cols;
+      const char* data = static_cast<const char*>(t) + (e * rows * cols + j0 * kPanelCols * sn) * elem;
+      const int64_t n = std::min(N - j0 * kPanelCols, (j1 - j0) * kPanelCols);
+      ks.pack_panels(MatrixView{data, L_.dtype, sk, sn}, K, n, l.Kp, k_offset, step,
+                     dst + (first + j0 * step - p0) * l.panel_stride(), lo_delta);
     };
     const int64_t up_panel = R / kPanelCols;
     if (!backward_) {
-      pack(kProjectGateUp, view(L_.gate_a, r, H, true), H, r, 0, 0, 1);  // (k=h, n=q) = Ag[q][h]
-      pack(kProjectGateUp, view(L_.up_a, r, H, true), H, r, 0, up_panel, 1);
-      pack(kExpandGateUp, view(L_.gate_b, I, r, true), r, I, 0, 0, 2);  // (k=q, n=i) = Bg[i][q]
-      pack(kExpandGateUp, view(L_.up_b, I, r, true), r, I, R, 1, 2);
-      pack(kProjectDown, view(L_.down_a, r, I, true), I, r, 0, 0, 1);  // (k=i, n=q) = Ad[q][i]
-      pack(kExpandDown, view(L_.down_b, H, r, true), r, H, 0, 0, 1);   // (k=q, n=h) = Bd[h][q]
+      put(kProjectGateUp, L_.gate_a, r, H, true, H, r, 0, 0, 1);  // (k=h, n=q) = Ag[q][h]
+      put(kProjectGateUp, L_.up_a, r, H, true, H, r, 0, up_panel, 1);
+      put(kExpandGateUp, L_.gate_b, I, r, true, r, I, 0, 0, 2);  // (k=q, n=i) = Bg[i][q]
+      put(kExpandGateUp, L_.up_b, I, r, true, r, I, R, 1, 2);
+      put(kProjectDown, L_.down_a, r, I, true, I, r, 0, 0, 1);  // (k=i, n=q) = Ad[q][i]
+      put(kExpandDown, L_.down_b, H, r, true, r, H, 0, 0, 1);   // (k=q, n=h) = Bd[h][q]
     } else {
       const int64_t Ip = round_up(I, kKAlign);
-      pack(kProjectGateUp, view(L_.gate_b, I, r, false), I, r, 0, 0, 1);  // (k=i, n=q) = Bg[i][q]
-      pack(kProjectGateUp, view(L_.up_b, I, r, false), I, r, Ip, up_panel, 1);
-      pack(kExpandGateUp, view(L_.gate_a, r, H, false), r, H, 0, 0, 1);  // (k=q, n=h) = Ag[q][h]
-      pack(kExpandGateUp, view(L_.up_a, r, H, false), r, H, R, 0, 1);
-      pack(kProjectDown, view(L_.down_b, H, r, false), H, r, 0, 0, 1);  // (k=h, n=q) = Bd[h][q]
-      pack(kExpandDown, view(L_.down_a, r, I, false), r, I, 0, 0, 1);   // (k=q, n=i) = Ad[q][i]
+      put(kProjectGateUp, L_.gate_b, I, r, false, I, r, 0, 0, 1);  // (k=i, n=q) = Bg[i][q]
+      put(kProjectGateUp, L_.up_b, I, r, false, I, r, Ip, up_panel, 1);
+      put(kExpandGateUp, L_.gate_a, r, H, false, r, H, 0, 0, 1);  // (k=q, n=h) = Ag[q][h]
+      put(kExpandGateUp, L_.up_a, r, H, false, r, H, R, 0, 1);
+      put(kProjectDown, L_.down_b, H, r, false, H, r, 0, 0, 1);  // (k=h, n=q) = Bd[h][q]
+      put(kExpandDown, L_.down_a, r, I, false, r, I, 0, 0, 1);   // (k=q, n=i) = Ad[q][i]
     }
   }
 
@@ -113,6 +146,9 @@ class LoraPanels {
   PanelLayout layouts_[kCount];
   int64_t offset_[kCount + 1] = {};
   Buffer<bf16> data_;
+  std::vector<char> prepared_;  // per slot; written in a job's first phase, read after its barrier
+  Buffer<bf16> buffers_;        // per worker: operands of unprepared slots
+  int64_t buffer_elements_ = 0;
 };
 
 LoraPanels::Which expand_of(LoraPanels::Which project) {
@@ -123,13 +159,13 @@ LoraPanels::Which expand_of(LoraPanels::Which project) {
 // rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns [R, R + r),
 // when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for all rows
 // into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding.
-void lora_project(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPanels::Which which, const bf16* A,
+void lora_project(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, const bf16* A,
                   int64_t lda, int64_t rows, int64_t real, float* scratch, float* dst0, float* dst1, float scale,
                   bf16* coef) {
   const PanelLayout& l = lp.layout(which);
   const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
   const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
-  ks.gemm(A, lda, rows, lp.get(slot, which), l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
+  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
   for (int64_t i = 0; i < rows; ++i) {
     float* v = scratch + i * ldc;
     if (lp.split())
@@ -146,12 +182,12 @@ void lora_project(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraP
   }
 }
 
-// The expand of a row block: C [rows][16 * np] += coef [rows][Kp] x panels [p0, p0 + np) of the operand.
-void lora_expand(const KernelSet& ks, const LoraPanels& lp, int64_t slot, LoraPanels::Which which, const bf16* coef,
-                 int64_t rows, int64_t p0, int np, float* C, int64_t ldc) {
+// The expand of a row block: C [rows][16 * np] += coef [rows][Kp] x the np panels of B (the operand's
+// panels of these columns).
+void lora_expand(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, const bf16* coef,
+                 int64_t rows, int np, float* C, int64_t ldc) {
   const PanelLayout& l = lp.layout(which);
-  ks.gemm(coef, l.Kp, rows, lp.get(slot, which) + p0 * l.panel_stride(), l.panel_stride(), l.Kp / 2, np, C, ldc,
-          true, nullptr);
+  ks.gemm(coef, l.Kp, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, true, nullptr);
 }
 
 // rows [0, real) of C (ldc) += bias [n] (nothing when bias is null).
@@ -305,7 +341,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
-    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, false);
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, false, threads);
     ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
@@ -362,7 +398,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           std::fill(dst + used, dst + Hp, bf16(0));
         }
       } else if (task < n_blocks + n_lora) {
-        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
+        if (!w.blocks.single(task - n_blocks)) w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
       } else {
         int64_t t0 = (task - n_blocks - n_lora) * kTokenBlock;
         std::memcpy(c.x.data() + t0 * H, x_in + t0 * H, std::min(kTokenBlock, T - t0) * H * sizeof(bf16));
@@ -374,8 +410,10 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     if (lora && part != Part::down)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const LoraPanels& lp = *w.lora;
-        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.xa.data() + b.prow * Hp, Hp, b.rows,
+        LoraPanels& lp = *w.lora;
+        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectGateUp, 0,
+                                   lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, w.xa.data() + b.prow * Hp, Hp, b.rows,
                      b.real, scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
                      w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
@@ -389,12 +427,15 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
       const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
       const bf16* B = chunked ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
+      const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
+                                              2 * pairs, wk.tid())
+                            : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), chunked ? nullptr : B, operand,
                      w.xa.data() + b.prow * Hp, Hp, b.rows, scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
-          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
-                      w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, 2 * j0,
+          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
+                      w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows,
                       int(2 * pairs), scratch, kColBlock);
         for (int64_t jj = 0; jj < pairs; ++jj) {
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
@@ -429,8 +470,10 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     if (lora && part != Part::gate_up)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const LoraPanels& lp = *w.lora;
-        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.ha.data() + b.prow * Ip, Ip, b.rows,
+        LoraPanels& lp = *w.lora;
+        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectDown, 0,
+                                   lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectDown, B, w.ha.data() + b.prow * Ip, Ip, b.rows,
                      b.real, scratch, c.ad.data() + b.route0 * r, nullptr, s,
                      w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
@@ -444,12 +487,14 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
       const bf16* B = chunked ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
+      const bf16* LB =
+          lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, scratch,
                      kColBlock);
         if (lora)
-          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
-                      w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
+          lora_expand(ks, *w.lora, LoraPanels::kExpandDown, LB,
+                      w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, np, scratch,
                       kColBlock);
         add_bias_rows(scratch, kColBlock, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
         for (int64_t i = 0; i < b.real; ++i)
@@ -515,7 +560,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     ws->bd = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->cg = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->cu = Buffer<float>(size_t(routes * r), Memory::workspace);
-    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, true);
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, true, threads);
     ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
@@ -549,7 +594,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     //    gate_up part gathers its given [dg | du] instead of gy.
     wk.for_each(n_blocks + n_lora, [&](int64_t task) {
       if (task >= n_blocks) {
-        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
+        if (!w.blocks.single(task - n_blocks)) w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
         return;
       }
       const RowBlock& b = w.blocks[task];
@@ -586,8 +631,10 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     if (lora && part != Part::gate_up)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const LoraPanels& lp = *w.lora;
-        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectDown, w.gy.data() + b.prow * Hp, Hp, b.rows,
+        LoraPanels& lp = *w.lora;
+        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectDown, 0,
+                                   lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectDown, B, w.gy.data() + b.prow * Hp, Hp, b.rows,
                      b.real, scratch, w.bd.data() + b.route0 * r, nullptr, s,
                      w.coef_bd.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
@@ -607,11 +654,13 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
                                  std::min<int64_t>(kPanelsPerBlock, i_panels - q0));
       }
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, I - col);
+      const bf16* LB =
+          lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock, &ahead);
         if (lora)
-          lora_expand(ks, *w.lora, slot, LoraPanels::kExpandDown,
-                      w.coef_bd.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, p0, np, scratch,
+          lora_expand(ks, *w.lora, LoraPanels::kExpandDown, LB,
+                      w.coef_bd.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, np, scratch,
                       kColBlock);
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
@@ -640,8 +689,10 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     if (lora && part != Part::down)
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
-        const LoraPanels& lp = *w.lora;
-        lora_project(ks, lp, w.blocks.slot(task), LoraPanels::kProjectGateUp, w.dgu.data() + b.prow * ldd, ldd, b.rows,
+        LoraPanels& lp = *w.lora;
+        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectGateUp, 0,
+                                   lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, w.dgu.data() + b.prow * ldd, ldd, b.rows,
                      b.real, scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
                      w.coef_cgu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
@@ -662,11 +713,13 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
                                    std::min(kPanelsPerBlock, L.panels - q0));
         }
         const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
+        const bf16* LB =
+            lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, p0, np, wk.tid()) : nullptr;
         w.blocks.for_expert(slot, [&](const RowBlock& b) {
           gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock, &ahead);
           if (lora)
-            lora_expand(ks, *w.lora, slot, LoraPanels::kExpandGateUp,
-                        w.coef_cgu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, p0, np,
+            lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
+                        w.coef_cgu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, np,
                         scratch, kColBlock);
           for (int64_t i = 0; i < b.real; ++i)
             std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
