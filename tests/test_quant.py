@@ -35,8 +35,8 @@ from helpers import (
 QUANTIZED = ("int8", "fp8_block", "int4_group", "mxfp4")
 
 # H, I not multiples of 128 or 32 (partial fp8 blocks and 4-bit groups); T = 1; idle experts; -1 slots.
-# An expert whose rows fit one row block (64) decodes its operand a K chunk at a time, one with more
-# decodes it whole for all its row blocks: "many_rows" gives its experts ~100 rows each.
+# An expert with at most 16 rows decodes its operand a K chunk at a time ("awkward", "T1_idle"), one
+# with more decodes it whole for all its rows ("wide": ~50 rows, "many_rows": ~100, two row blocks).
 CASES = {
     "awkward": dict(E=5, H=200, I=72, k=3, T=23, r=3, unused_frac=0.2, all_unused_tokens=(4,)),
     "T1_idle": dict(E=6, H=136, I=40, k=2, T=1, r=4),

@@ -14,6 +14,7 @@ constexpr int64_t kRowBlock = 64;        // rows of A per task (a multiple of ev
 // blocks (AVX-512: 3 panels, AMX: 2), so no call runs a narrow remainder.
 constexpr int64_t kPanelsPerBlock = 6;
 constexpr int64_t kColBlock = kPanelsPerBlock * kPanelCols;
+constexpr int64_t kFewRows = 16;        // see ExpertBlocks::few_rows
 constexpr int64_t kTokenBlock = 16;      // tokens per task of the final per-token reduction
 constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient task
 
@@ -230,6 +231,8 @@ struct ExpertBlocks {
   int64_t slot(int64_t block) const { return slot_of[block]; }
   int64_t size() const { return int64_t(blocks.size()); }
   bool single(int64_t slot) const { return first[slot + 1] - first[slot] == 1; }
+  // An expert with at most kFewRows rows: its GEMMs are bound by reading B.
+  bool few_rows(int64_t slot) const { return single(slot) && blocks[first[slot]].rows <= kFewRows; }
   int64_t experts() const { return int64_t(first.size()) - 1; }
   const RowBlock& operator[](int64_t i) const { return blocks[i]; }
   template <class F>
@@ -248,9 +251,10 @@ void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, co
 constexpr int64_t kDecodePairs = 64;
 
 // C[rows][16*np] = A x panels [p0, p0 + np) of expert e's forward GEMM g. B: the operand made for the
-// whole column block (shared by the expert's row blocks), or null: an expert with one row block
-// (the memory-bound case) decodes its codes a chunk of K at a time into `buffer` and runs each
-// chunk while it is in L1, so the codes stream with the GEMM instead of in a pass of their own.
+// whole column block (shared by the expert's row blocks), or null: an expert with few rows (the
+// memory-bound case) decodes its codes a chunk of K at a time into `buffer` and runs each chunk
+// while it is in L1, so the codes stream with the GEMM instead of in a pass of their own. (At 64
+// rows the chunks' C reloads cost more than they save: T=1024 forward 10% slower.)
 void forward_gemm(const KernelSet& ks, const PackedExperts& W, Gemm g, int64_t e, int64_t p0, int np, const bf16* B,
                   bf16* buffer, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc) {
   const PanelLayout& L = W.layout(g);
@@ -425,7 +429,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
-      const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
+      const bool chunked = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
       const bf16* B = chunked ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
       const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
                                               2 * pairs, wk.tid())
@@ -484,7 +488,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      const bool chunked = W.storage != Storage::bf16 && w.blocks.single(slot);
+      const bool chunked = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
       const bf16* B = chunked ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       const bf16* LB =
