@@ -13,7 +13,19 @@ namespace {
 
 inline bf16 to_packed(float v) { return f32_to_bf16(v); }
 inline bf16 to_packed(bf16 v) { return v; }  // bf16 sources are copied bit for bit
-inline bf16 low_part(float v) { return f32_to_bf16(v - bf16_to_f32(f32_to_bf16(v))); }
+
+// The hi and lo parts of an fp32 value (the LoRA matrices, packed at every call) round as VCVTNE2PS2BF16
+// does, so that the AVX-512 packer (pack_avx512.hpp) can use it and still agree bitwise: nearest even,
+// denormal inputs as signed zeros, NaN quieted.
+inline bf16 part_bf16(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40u);
+  if ((u & 0x7f800000u) == 0) return bf16((u >> 16) & 0x8000u);
+  return bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline bf16 high_part(float v) { return part_bf16(v); }
+inline bf16 high_part(bf16 v) { return v; }
+inline bf16 low_part(float v) { return part_bf16(v - bf16_to_f32(part_bf16(v))); }
 inline bf16 low_part(bf16) { return bf16(0); }  // bf16 sources have no low part
 
 using word = uint32_t __attribute__((may_alias));  // a (k, k+1) pair of a panel row
@@ -31,7 +43,7 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
       const int64_t kk = k + k_offset;
       for (int64_t n = 0; n < cols; ++n) {
         bf16* d = pd + (kk >> 1) * 2 * kPanelCols + 2 * n + (kk & 1);
-        *d = to_packed(ps[k * sk + n * sn]);
+        *d = kLow ? high_part(ps[k * sk + n * sn]) : to_packed(ps[k * sk + n * sn]);
         if constexpr (kLow) d[lo_delta] = low_part(ps[k * sk + n * sn]);
       }
     };
@@ -42,8 +54,12 @@ void pack_typed(const T* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int6
     word* rows = reinterpret_cast<word*>(pd) + ((k0 + k_offset) >> 1) * kPanelCols;
     auto put = [&](word* row, int64_t k, int64_t n) {
       const T a = ps[k * sk + n * sn], b = ps[(k + 1) * sk + n * sn];
-      *row = uint32_t(to_packed(a)) | uint32_t(to_packed(b)) << 16;
-      if constexpr (kLow) row[lo_delta / 2] = uint32_t(low_part(a)) | uint32_t(low_part(b)) << 16;
+      if constexpr (kLow) {
+        *row = uint32_t(high_part(a)) | uint32_t(high_part(b)) << 16;
+        row[lo_delta / 2] = uint32_t(low_part(a)) | uint32_t(low_part(b)) << 16;
+      } else {
+        *row = uint32_t(to_packed(a)) | uint32_t(to_packed(b)) << 16;
+      }
     };
     if (sn == 1) {
       for (int64_t k = k0; k < k1; k += 2, rows += kPanelCols)

@@ -35,7 +35,8 @@ struct MatrixView {
 // panel j at dst + j * panel_step * panel_stride (panel_step 2 interleaves two matrices).
 // Entries it does not write (padding) must already be zero. lo_delta (even, non-zero): each value v
 // also gets its low part bf16(v - bf16(v)) written lo_delta elements after bf16(v) (the two carry an
-// fp32 v to ~16 bits; zero for bf16 sources).
+// fp32 v to ~16 bits; zero for bf16 sources); both parts then round as VCVTNE2PS2BF16 (denormals to
+// zero), so that every ISA's packer agrees bitwise.
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
                  bf16* dst, int64_t lo_delta = 0);
 

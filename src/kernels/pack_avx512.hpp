@@ -1,8 +1,7 @@
-// pack_panels for fp32 sources with AVX-512 F/BW: the LoRA matrices, packed per call (hi and lo
-// parts), where the portable loop was a third of a decode-time forward. Bitwise equal to
-// pack_panels (pack.cpp): rounding to bf16 is the same integer arithmetic (no denormal flush).
-// Whole pair-rows of fp32 sources whose k or n is contiguous run here; anything else goes to the
-// portable packer. Included only by files built with AVX-512 flags; internal linkage.
+// pack_panels for fp32 sources with their lo parts (the LoRA matrices, packed per call) with AVX-512
+// F/BW/BF16, where the portable loop was a third of a decode-time forward. Bitwise equal to pack_panels
+// (pack.cpp), whose hi and lo parts round as VCVTNE2PS2BF16. Whole pair-rows of sources whose k or n
+// is contiguous run here; anything else goes to the portable packer. Included only by files built with AVX-512 flags; internal linkage.
 #pragma once
 #include <immintrin.h>
 
@@ -13,26 +12,15 @@
 namespace kt {
 namespace {
 
-// f32_to_bf16 (common.hpp) on 16 lanes: the bf16 bits in each 32-bit lane's low half.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-}
-inline __m512 bits_value(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+// bf16 values (the low or high 16 of a vector) as fp32.
+inline __m512 widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
 
-// The hi and lo parts of 16 values, bf16 bits per 32-bit lane.
-inline void split_parts(__m512 v, __m512i& hi, __m512i& lo) {
-  hi = bf16_bits(v);
-  lo = bf16_bits(_mm512_sub_ps(v, bits_value(hi)));
-}
-
-// 32 values (a: k = 0..15, b: k = 16..31) as 16 (k, k+1) words.
-inline __m512i pair_words(__m512i a, __m512i b) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)), _mm512_cvtepi32_epi16(b), 1);
+// The hi and lo parts of 32 values (a: the first 16, b: the next), each 32 bf16 in that order: VCVTNE2PS2BF16
+// rounds as pack.cpp's part_bf16.
+inline void split_parts(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+  hi = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 ha = widen(_mm512_castsi512_si256(hi)), hb = widen(_mm512_extracti64x4_epi64(hi, 1));
+  lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
 }
 
 // 16 x 16 transpose of 32-bit words: r[i] lane j <-> r[j] lane i.
@@ -61,14 +49,17 @@ inline void transpose16(__m512i r[16]) {
 
 void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
                         bf16* dst, int64_t lo_delta) {
-  if (src.dtype != DType::f32 || (K | k_offset) & 1 || (src.sk != 1 && src.sn != 1))
+  if (src.dtype != DType::f32 || !lo_delta || (K | k_offset) & 1 || (src.sk != 1 && src.sn != 1))
     return pack_panels(src, K, N, Kp, k_offset, panel_step, dst, lo_delta);
   const float* s = static_cast<const float*>(src.data);
   const int64_t panel_stride = Kp * kPanelCols, pairs = K / 2;
   auto store = [&](bf16* row, __m512i hi, __m512i lo) {  // one panel row (64 bytes) and its lo part
     _mm512_storeu_si512(row, hi);
-    if (lo_delta) _mm512_storeu_si512(row + lo_delta, lo);
+    _mm512_storeu_si512(row + lo_delta, lo);
   };
+  // Rows k, k+1 as (k, k+1) words: element j of the pair's 32 bf16 from 16 * (j % 2) + j / 2.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t j = 0; j * kPanelCols < N; ++j) {
     const int cols = int(std::min<int64_t>(kPanelCols, N - j * kPanelCols));
     const float* ps = s + j * kPanelCols * src.sn;
@@ -76,11 +67,11 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
     if (src.sn == 1) {  // rows k, k+1 are contiguous over n: interleave them
       const __mmask16 m = __mmask16((1u << cols) - 1);
       for (int64_t q = 0; q < pairs; ++q) {
-        __m512i h0, l0, h1, l1;
-        split_parts(_mm512_maskz_loadu_ps(m, ps + 2 * q * src.sk), h0, l0);
-        split_parts(_mm512_maskz_loadu_ps(m, ps + (2 * q + 1) * src.sk), h1, l1);
-        store(rows + q * 2 * kPanelCols, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)),
-              _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
+        __m512i hi, lo;
+        split_parts(_mm512_maskz_loadu_ps(m, ps + 2 * q * src.sk), _mm512_maskz_loadu_ps(m, ps + (2 * q + 1) * src.sk),
+                    hi, lo);
+        store(rows + q * 2 * kPanelCols, _mm512_permutexvar_epi16(interleave, hi),
+              _mm512_permutexvar_epi16(interleave, lo));
       }
       continue;
     }
@@ -102,11 +93,7 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
         _mm_prefetch(reinterpret_cast<const char*>(col + 272), _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(col + 32), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(col + 48), _MM_HINT_T0);
-        __m512i ha, la, hb, lb;
-        split_parts(_mm512_maskz_loadu_ps(ma, col), ha, la);
-        split_parts(_mm512_maskz_loadu_ps(mb, col + 16), hb, lb);
-        hi[n] = pair_words(ha, hb);
-        lo[n] = pair_words(la, lb);
+        split_parts(_mm512_maskz_loadu_ps(ma, col), _mm512_maskz_loadu_ps(mb, col + 16), hi[n], lo[n]);
       }
       transpose16(hi);
       transpose16(lo);
