@@ -216,6 +216,34 @@ void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int
   }
 }
 
+void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
+                 int64_t N, float* C, int64_t ldc) {
+  if (sk == 1) {  // column n of S is contiguous along k: a dot product per (row, column), S's column read once
+    for (int64_t n = 0; n < N; ++n) {
+      const float* col = S + n * sn;
+      for (int64_t m = 0; m < rows; ++m) {
+        const bf16* a = A + m * lda;
+        float acc[kLanes] = {};
+        int64_t k = 0;
+        for (; k + kLanes <= K; k += kLanes)
+          for (int l = 0; l < kLanes; ++l) acc[l] += to_f32(a[k + l]) * col[k + l];
+        for (int l = 0; k + l < K; ++l) acc[l] += to_f32(a[k + l]) * col[k + l];
+        C[m * ldc + n] = reduce_lanes(acc);
+      }
+    }
+    return;
+  }
+  for (int64_t m = 0; m < rows; ++m) {  // row k of S is contiguous along n: a row update per k
+    float* c = C + m * ldc;
+    for (int64_t n = 0; n < N; ++n) c[n] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = to_f32(A[m * lda + k]);
+      const float* row = S + k * sk;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * row[n * sn];
+    }
+  }
+}
+
 void to_bf16_row(const float* src, int64_t n, bf16* dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] = to_bf16(src[c]);
 }
@@ -248,6 +276,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                     {gate_backward<Swish, true>, gate_backward<Gelu, true>, gate_backward<GeluTanh, true>,
                      gate_backward<Relu, true>, gate_backward<Relu2, true>}},
                    rank_update,
+                   project_f32,
                    to_bf16_row,
                    weighted_sum};
 }

@@ -139,6 +139,11 @@ struct KernelSet {
   void (*rank_update)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
                       const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,
                       int64_t P);
+  // C[m][n] = sum_k A[m][k] * S(k, n) in fp32 for m < rows, n < N; S(k, n) = S[k*sk + n*sn] with sk == 1
+  // or sn == 1; a fixed order. The LoRA projects of an expert with few rows: each operand is used once,
+  // so reading the fp32 matrix straight beats packing it (and keeps it whole, not split in two parts).
+  void (*project_f32)(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
+                      int64_t N, float* C, int64_t ldc);
   // dst = bf16(src)
   void (*to_bf16_row)(const float* src, int64_t n, bf16* dst);
   // out = sum_j weights[j] * rows[j] (out is zero when count == 0); weights may be null (all 1).

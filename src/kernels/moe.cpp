@@ -97,46 +97,72 @@ class LoraPanels {
     return buffer;
   }
 
+ // Whether project_direct can serve this LoRA (fp32 matrices).
+  bool direct() const { return split_; }
+
+  // A project of expert e with the fp32 matrices read straight (KernelSet::project_f32) instead of
+  // packed: v [rows][ldv] = A x the operand, its columns as the packed project's (gate's at [0, r),
+  // up's at [R, R + r)); columns between them are left as they are. For an expert with few rows.
+  void project_direct(const KernelSet& ks, Which which, int64_t e, const bf16* A, int64_t lda, int64_t rows, float* v,
+                      int64_t ldv) const {
+    for_each_part(which, [&](const Part& p) {
+      const float* S = static_cast<const float*>(p.t) + e * p.rows * p.cols;
+      ks.project_f32(A + p.k_offset, lda, rows, S, p.transpose ? 1 : p.cols, p.transpose ? p.cols : 1, p.K, p.N,
+                     v + p.first * kPanelCols, ldv);
+    });
+  }
+
  private:
+  // A matrix of an operand: expert e's [rows][cols] of t as B (k, n) = t[n][k] (transpose) or t[k][n],
+  // K x N, at rows from k_offset, its panel j at operand panel first + j * step.
+  struct Part {
+    const void* t;
+    int64_t rows, cols;
+    bool transpose;
+    int64_t K, N, k_offset, first, step;
+  };
+  template <class F>
+  void for_each_part(Which which, F&& f) const {
+    const int64_t r = r_, R = R_, H = H_, I = I_, up_panel = R / kPanelCols;
+    auto part = [&](Which w, const Part& p) {
+      if (w == which) f(p);
+    };
+    if (!backward_) {
+      part(kProjectGateUp, {L_.gate_a, r, H, true, H, r, 0, 0, 1});  // (k=h, n=q) = Ag[q][h]
+      part(kProjectGateUp, {L_.up_a, r, H, true, H, r, 0, up_panel, 1});
+      part(kExpandGateUp, {L_.gate_b, I, r, true, r, I, 0, 0, 2});  // (k=q, n=i) = Bg[i][q]
+      part(kExpandGateUp, {L_.up_b, I, r, true, r, I, R, 1, 2});
+      part(kProjectDown, {L_.down_a, r, I, true, I, r, 0, 0, 1});  // (k=i, n=q) = Ad[q][i]
+      part(kExpandDown, {L_.down_b, H, r, true, r, H, 0, 0, 1});   // (k=q, n=h) = Bd[h][q]
+    } else {
+      const int64_t Ip = round_up(I, kKAlign);
+      part(kProjectGateUp, {L_.gate_b, I, r, false, I, r, 0, 0, 1});  // (k=i, n=q) = Bg[i][q]
+      part(kProjectGateUp, {L_.up_b, I, r, false, I, r, Ip, up_panel, 1});
+      part(kExpandGateUp, {L_.gate_a, r, H, false, r, H, 0, 0, 1});  // (k=q, n=h) = Ag[q][h]
+      part(kExpandGateUp, {L_.up_a, r, H, false, r, H, R, 0, 1});
+      part(kProjectDown, {L_.down_b, H, r, false, H, r, 0, 0, 1});  // (k=h, n=q) = Bd[h][q]
+      part(kExpandDown, {L_.down_a, r, I, false, r, I, 0, 0, 1});   // (k=q, n=i) = Ad[q][i]
+    }
+  }
+
   // Packs panels [p0, p0 + np) of expert e's operand `which` into dst (dst's panel 0 = panel p0).
   void pack(const KernelSet& ks, Which which, int64_t e, int64_t p0, int64_t np, bf16* dst) const {
-    const int64_t r = r_, R = R_, H = H_, I = I_;
     const size_t elem = L_.dtype == DType::f32 ? 4 : 2;
     const PanelLayout& l = layouts_[which];
     // The lo parts: a project's width / 16 panels further, an expand's width K rows further.
     const bool is_project = which == kProjectGateUp || which == kProjectDown;
     const int64_t lo_delta = !split_ ? 0 : is_project ? width_[which] / kPanelCols * l.panel_stride() : width_[which] * kPanelCols;
-    // Matrix t (expert e's [rows][cols]) as B (k, n) = t[n][k] (transpose) or t[k][n], its panel j at
-    // operand panel first + j * step: those of its panels that fall in [p0, p0 + np).
-    auto put = [&](Which w, const void* t, int64_t rows, int64_t cols, bool transpose, int64_t K, int64_t N,
-                   int64_t k_offset, int64_t first, int64_t step) {
-      if (w != which) return;
-      const int64_t j0 = std::max<int64_t>(0, ceil_div(p0 - first, step));
-      const int64_t j1 = std::min(ceil_div(N, kPanelCols), p0 + np - first <= 0 ? 0 : ceil_div(p0 + np - first, step));
+    for_each_part(which, [&](const Part& p) {  // those of its panels that fall in [p0, p0 + np)
+      const int64_t j0 = std::max<int64_t>(0, ceil_div(p0 - p.first, p.step));
+      const int64_t j1 =
+          std::min(ceil_div(p.N, kPanelCols), p0 + np - p.first <= 0 ? 0 : ceil_div(p0 + np - p.first, p.step));
       if (j1 <= j0) return;
-      const int64_t sn = transpose ? cols : 1, sk = transpose ? 1 : cols;
-      const char* data = static_cast<const char*>(t) + (e * rows * cols + j0 * kPanelCols * sn) * elem;
-      const int64_t n = std::min(N - j0 * kPanelCols, (j1 - j0) * kPanelCols);
-      ks.pack_panels(MatrixView{data, L_.dtype, sk, sn}, K, n, l.Kp, k_offset, step,
-                     dst + (first + j0 * step - p0) * l.panel_stride(), lo_delta);
-    };
-    const int64_t up_panel = R / kPanelCols;
-    if (!backward_) {
-      put(kProjectGateUp, L_.gate_a, r, H, true, H, r, 0, 0, 1);  // (k=h, n=q) = Ag[q][h]
-      put(kProjectGateUp, L_.up_a, r, H, true, H, r, 0, up_panel, 1);
-      put(kExpandGateUp, L_.gate_b, I, r, true, r, I, 0, 0, 2);  // (k=q, n=i) = Bg[i][q]
-      put(kExpandGateUp, L_.up_b, I, r, true, r, I, R, 1, 2);
-      put(kProjectDown, L_.down_a, r, I, true, I, r, 0, 0, 1);  // (k=i, n=q) = Ad[q][i]
-      put(kExpandDown, L_.down_b, H, r, true, r, H, 0, 0, 1);   // (k=q, n=h) = Bd[h][q]
-    } else {
-      const int64_t Ip = round_up(I, kKAlign);
-      put(kProjectGateUp, L_.gate_b, I, r, false, I, r, 0, 0, 1);  // (k=i, n=q) = Bg[i][q]
-      put(kProjectGateUp, L_.up_b, I, r, false, I, r, Ip, up_panel, 1);
-      put(kExpandGateUp, L_.gate_a, r, H, false, r, H, 0, 0, 1);  // (k=q, n=h) = Ag[q][h]
-      put(kExpandGateUp, L_.up_a, r, H, false, r, H, R, 0, 1);
-      put(kProjectDown, L_.down_b, H, r, false, H, r, 0, 0, 1);  // (k=h, n=q) = Bd[h][q]
-      put(kExpandDown, L_.down_a, r, I, false, r, I, 0, 0, 1);   // (k=q, n=i) = Ad[q][i]
-    }
+      const int64_t sn = p.transpose ? p.cols : 1, sk = p.transpose ? 1 : p.cols;
+      const char* data = static_cast<const char*>(p.t) + (e * p.rows * p.cols + j0 * kPanelCols * sn) * elem;
+      const int64_t n = std::min(p.N - j0 * kPanelCols, (j1 - j0) * kPanelCols);
+      ks.pack_panels(MatrixView{data, L_.dtype, sk, sn}, p.K, n, l.Kp, p.k_offset, p.step,
+                     dst + (p.first + j0 * p.step - p0) * l.panel_stride(), lo_delta);
+    });
   }
 
  private:
@@ -156,20 +182,26 @@ LoraPanels::Which expand_of(LoraPanels::Which project) {
   return project == LoraPanels::kProjectGateUp ? LoraPanels::kExpandGateUp : LoraPanels::kExpandDown;
 }
 
-// The project of a row block: C = A [rows][K] x the project operand (scratch), then, per row, the
-// rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns [R, R + r),
+// The project of a row block (of expert e): C = A [rows][K] x the project operand B (scratch), then, per
+// row, the rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns [R, R + r),
 // when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for all rows
-// into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding.
-void lora_project(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, const bf16* A,
-                  int64_t lda, int64_t rows, int64_t real, float* scratch, float* dst0, float* dst1, float scale,
-                  bf16* coef) {
+// into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding. B null: v straight
+// from the fp32 matrices (LoraPanels::project_direct).
+void lora_project(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, int64_t e,
+                  const bf16* A, int64_t lda, int64_t rows, int64_t real, float* scratch, float* dst0, float* dst1,
+                  float scale, bf16* coef) {
   const PanelLayout& l = lp.layout(which);
   const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
   const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
-  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
+  if (B) {
+    ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) std::fill(scratch + i * ldc, scratch + i * ldc + width, 0.0f);
+    lp.project_direct(ks, which, e, A, lda, rows, scratch, ldc);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     float* v = scratch + i * ldc;
-    if (lp.split())
+    if (B && lp.split())
       for (int64_t j = 0; j < width; ++j) v[j] += v[width + j];
     if (i < real) {
       std::memcpy(dst0 + i * r, v, r * sizeof(float));
@@ -415,9 +447,11 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectGateUp, 0,
-                                   lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, w.xa.data() + b.prow * Hp, Hp, b.rows,
+        const int64_t slot = w.blocks.slot(task);
+        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
+                            ? nullptr
+                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectGateUp, 0, lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, b.e, w.xa.data() + b.prow * Hp, Hp, b.rows,
                      b.real, scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
                      w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
@@ -475,9 +509,11 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectDown, 0,
-                                   lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectDown, B, w.ha.data() + b.prow * Ip, Ip, b.rows,
+        const int64_t slot = w.blocks.slot(task);
+        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
+                            ? nullptr
+                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectDown, 0, lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectDown, B, b.e, w.ha.data() + b.prow * Ip, Ip, b.rows,
                      b.real, scratch, c.ad.data() + b.route0 * r, nullptr, s,
                      w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
@@ -636,9 +672,11 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectDown, 0,
-                                   lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectDown, B, w.gy.data() + b.prow * Hp, Hp, b.rows,
+        const int64_t slot = w.blocks.slot(task);
+        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
+                            ? nullptr
+                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectDown, 0, lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectDown, B, b.e, w.gy.data() + b.prow * Hp, Hp, b.rows,
                      b.real, scratch, w.bd.data() + b.route0 * r, nullptr, s,
                      w.coef_bd.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
@@ -694,9 +732,11 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const bf16* B = lp.operand(ks, w.blocks.slot(task), b.e, LoraPanels::kProjectGateUp, 0,
-                                   lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, w.dgu.data() + b.prow * ldd, ldd, b.rows,
+        const int64_t slot = w.blocks.slot(task);
+        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
+                            ? nullptr
+                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectGateUp, 0, lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, b.e, w.dgu.data() + b.prow * ldd, ldd, b.rows,
                      b.real, scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
                      w.coef_cgu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
