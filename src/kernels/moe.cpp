@@ -34,6 +34,9 @@ size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 // reference): a project's operand gets the lo parts as W more columns [W, 2W), an expand's as W
 // more K rows [W, 2W), W = the project's width N rounded to 16, and the expand's A operand holds
 // the coefficients twice. For r <= 8 the down side's expand still takes one AMX K step.
+// An expert with many rows has its operands packed once per call (prepare) and shared by its row
+// blocks; one with a single row block gets each operand packed by the task that uses it (operand);
+// one with at most kFewRows rows runs its projects in fp32 straight from the matrices (project_direct).
 class LoraPanels {
  public:
   enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
@@ -97,7 +100,7 @@ class LoraPanels {
     return buffer;
   }
 
- // Whether project_direct can serve this LoRA (fp32 matrices).
+  // Whether project_direct can serve this LoRA (fp32 matrices).
   bool direct() const { return split_; }
 
   // A project of expert e with the fp32 matrices read straight (KernelSet::project_f32) instead of
