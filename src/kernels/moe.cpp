@@ -20,6 +20,49 @@ constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient 
 
 size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
+// A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
+// first `real` of them.
+struct RowBlock {
+  int32_t e;
+  int64_t prow, route0, rows, real;
+};
+
+// Row blocks of the active experts; those of plan.active[slot] are [first[slot], first[slot + 1]).
+struct ExpertBlocks {
+  std::vector<RowBlock> blocks;
+  std::vector<int64_t> first;
+  ExpertBlocks(const RoutingPlan& plan, const std::vector<int64_t>& poff) {
+    for (int32_t e : plan.active) {
+      first.push_back(int64_t(blocks.size()));
+      int64_t n = plan.count(e), padded = poff[e + 1] - poff[e];
+      for (int64_t r = 0; r < padded; r += kRowBlock)
+        blocks.push_back({e, poff[e] + r, plan.offset[e] + r, std::min(kRowBlock, padded - r),
+                          std::clamp<int64_t>(n - r, 0, kRowBlock)});
+    }
+    first.push_back(int64_t(blocks.size()));
+    for (size_t slot = 0; slot + 1 < first.size(); ++slot)
+      for (int64_t i = first[slot]; i < first[slot + 1]; ++i) slot_of.push_back(int64_t(slot));
+  }
+  std::vector<int64_t> slot_of;  // active slot of each block
+  int64_t slot(int64_t block) const { return slot_of[block]; }
+  int64_t size() const { return int64_t(blocks.size()); }
+  bool single(int64_t slot) const { return first[slot + 1] - first[slot] == 1; }
+  // An expert with at most kFewRows rows: its GEMMs are bound by reading B.
+  bool few_rows(int64_t slot) const { return single(slot) && blocks[first[slot]].rows <= kFewRows; }
+  int64_t experts() const { return int64_t(first.size()) - 1; }
+  const RowBlock& operator[](int64_t i) const { return blocks[i]; }
+  template <class F>
+  void for_expert(int64_t slot, F&& f) const {
+    for (int64_t i = first[slot]; i < first[slot + 1]; ++i) f(blocks[i]);
+  }
+};
+
+// C[rows][16*np] = A[rows][K] * B (np panels of layout l).
+void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
+               int np, float* C, int64_t ldc, PrefetchStream* prefetch = nullptr) {
+  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false, prefetch);
+}
+
 // The active experts' LoRA matrices as bf16 VNNI panels, packed per call (the optimizer changes
 // them between calls), so that every LoRA product runs on the GEMM micro-kernel with fp32
 // accumulation: a "project" (activations x A^T or B^T: rank-r results) and an "expand" (rank-r
@@ -185,26 +228,30 @@ LoraPanels::Which expand_of(LoraPanels::Which project) {
   return project == LoraPanels::kProjectGateUp ? LoraPanels::kExpandGateUp : LoraPanels::kExpandDown;
 }
 
-// The project of a row block (of expert e): C = A [rows][K] x the project operand B (scratch), then, per
-// row, the rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns [R, R + r),
-// when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for all rows
-// into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding. B null: v straight
-// from the fp32 matrices (LoraPanels::project_direct).
-void lora_project(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, int64_t e,
-                  const bf16* A, int64_t lda, int64_t rows, int64_t real, float* scratch, float* dst0, float* dst1,
+// The project of row block `task` (worker tid): C = A [rows][K] x the project operand (scratch), then,
+// per row, the rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns
+// [R, R + r), when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for
+// all rows into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding. An expert
+// with few rows gets v straight from the fp32 matrices (LoraPanels::project_direct).
+void lora_project(const KernelSet& ks, LoraPanels& lp, LoraPanels::Which which, const ExpertBlocks& blocks,
+                  int64_t task, int tid, const bf16* A, int64_t lda, float* scratch, float* dst0, float* dst1,
                   float scale, bf16* coef) {
+  const RowBlock& b = blocks[task];
+  const int64_t slot = blocks.slot(task), rows = b.rows, real = b.real;
   const PanelLayout& l = lp.layout(which);
   const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
   const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
-  if (B) {
-    ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
-  } else {
+  const bool direct = lp.direct() && blocks.few_rows(slot);
+  if (direct) {
     for (int64_t i = 0; i < rows; ++i) std::fill(scratch + i * ldc, scratch + i * ldc + width, 0.0f);
-    lp.project_direct(ks, which, e, A, lda, rows, scratch, ldc);
+    lp.project_direct(ks, which, b.e, A, lda, rows, scratch, ldc);
+  } else {
+    const bf16* B = lp.operand(ks, slot, b.e, which, 0, l.panels, tid);
+    ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, int(l.panels), scratch, ldc, false, nullptr);
   }
   for (int64_t i = 0; i < rows; ++i) {
     float* v = scratch + i * ldc;
-    if (B && lp.split())
+    if (!direct && lp.split())
       for (int64_t j = 0; j < width; ++j) v[j] += v[width + j];
     if (i < real) {
       std::memcpy(dst0 + i * r, v, r * sizeof(float));
@@ -237,49 +284,6 @@ float dot_bf16(const float* a, const bf16* b, int64_t n) {
   float s = 0.0f;
   for (int64_t c = 0; c < n; ++c) s += a[c] * bf16_to_f32(b[c]);
   return s;
-}
-
-// A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
-// first `real` of them.
-struct RowBlock {
-  int32_t e;
-  int64_t prow, route0, rows, real;
-};
-
-// Row blocks of the active experts; those of plan.active[slot] are [first[slot], first[slot + 1]).
-struct ExpertBlocks {
-  std::vector<RowBlock> blocks;
-  std::vector<int64_t> first;
-  ExpertBlocks(const RoutingPlan& plan, const std::vector<int64_t>& poff) {
-    for (int32_t e : plan.active) {
-      first.push_back(int64_t(blocks.size()));
-      int64_t n = plan.count(e), padded = poff[e + 1] - poff[e];
-      for (int64_t r = 0; r < padded; r += kRowBlock)
-        blocks.push_back({e, poff[e] + r, plan.offset[e] + r, std::min(kRowBlock, padded - r),
-                          std::clamp<int64_t>(n - r, 0, kRowBlock)});
-    }
-    first.push_back(int64_t(blocks.size()));
-    for (size_t slot = 0; slot + 1 < first.size(); ++slot)
-      for (int64_t i = first[slot]; i < first[slot + 1]; ++i) slot_of.push_back(int64_t(slot));
-  }
-  std::vector<int64_t> slot_of;  // active slot of each block
-  int64_t slot(int64_t block) const { return slot_of[block]; }
-  int64_t size() const { return int64_t(blocks.size()); }
-  bool single(int64_t slot) const { return first[slot + 1] - first[slot] == 1; }
-  // An expert with at most kFewRows rows: its GEMMs are bound by reading B.
-  bool few_rows(int64_t slot) const { return single(slot) && blocks[first[slot]].rows <= kFewRows; }
-  int64_t experts() const { return int64_t(first.size()) - 1; }
-  const RowBlock& operator[](int64_t i) const { return blocks[i]; }
-  template <class F>
-  void for_expert(int64_t slot, F&& f) const {
-    for (int64_t i = first[slot]; i < first[slot + 1]; ++i) f(blocks[i]);
-  }
-};
-
-// C[rows][16*np] = A[rows][K] * B (np panels of layout l).
-void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
-               int np, float* C, int64_t ldc, PrefetchStream* prefetch = nullptr) {
-  ks.gemm(A, lda, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, false, prefetch);
 }
 
 // Pair-rows per chunk of a forward operand decoded just before use: 6 panels of them are 24 KiB (L1).
@@ -450,12 +454,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const int64_t slot = w.blocks.slot(task);
-        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
-                            ? nullptr
-                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectGateUp, 0, lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, b.e, w.xa.data() + b.prow * Hp, Hp, b.rows,
-                     b.real, scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, w.blocks, task, wk.tid(), w.xa.data() + b.prow * Hp, Hp,
+                     scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
                      w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
 
@@ -512,12 +512,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const int64_t slot = w.blocks.slot(task);
-        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
-                            ? nullptr
-                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectDown, 0, lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectDown, B, b.e, w.ha.data() + b.prow * Ip, Ip, b.rows,
-                     b.real, scratch, c.ad.data() + b.route0 * r, nullptr, s,
+        lora_project(ks, lp, LoraPanels::kProjectDown, w.blocks, task, wk.tid(), w.ha.data() + b.prow * Ip, Ip,
+                     scratch, c.ad.data() + b.route0 * r, nullptr, s,
                      w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
 
@@ -675,12 +671,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const int64_t slot = w.blocks.slot(task);
-        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
-                            ? nullptr
-                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectDown, 0, lp.layout(LoraPanels::kProjectDown).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectDown, B, b.e, w.gy.data() + b.prow * Hp, Hp, b.rows,
-                     b.real, scratch, w.bd.data() + b.route0 * r, nullptr, s,
+        lora_project(ks, lp, LoraPanels::kProjectDown, w.blocks, task, wk.tid(), w.gy.data() + b.prow * Hp, Hp,
+                     scratch, w.bd.data() + b.route0 * r, nullptr, s,
                      w.coef_bd.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
       });
 
@@ -735,12 +727,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       wk.for_each(n_blocks, [&](int64_t task) {
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
-        const int64_t slot = w.blocks.slot(task);
-        const bf16* B = lp.direct() && w.blocks.few_rows(slot)
-                            ? nullptr
-                            : lp.operand(ks, slot, b.e, LoraPanels::kProjectGateUp, 0, lp.layout(LoraPanels::kProjectGateUp).panels, wk.tid());
-        lora_project(ks, lp, LoraPanels::kProjectGateUp, B, b.e, w.dgu.data() + b.prow * ldd, ldd, b.rows,
-                     b.real, scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
+        lora_project(ks, lp, LoraPanels::kProjectGateUp, w.blocks, task, wk.tid(), w.dgu.data() + b.prow * ldd, ldd,
+                     scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
                      w.coef_cgu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
       });
 
