@@ -176,6 +176,11 @@ void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_
     pack(std::false_type{});
 }
 
+void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
+                     int64_t k_offset, int64_t panel_step, bf16* dst, int64_t lo_delta) {
+  kernels_for(isa).pack_panels(MatrixView{src, DType::f32, sk, sn}, K, N, Kp, k_offset, panel_step, dst, lo_delta);
+}
+
 void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
                               int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0,
                               int64_t dst_rows) {

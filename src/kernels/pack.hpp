@@ -40,6 +40,10 @@ struct MatrixView {
 void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
                  bf16* dst, int64_t lo_delta = 0);
 
+// Test hook: pack_panels of ISA path isa's kernel set on an fp32 matrix (element (k, n) at src[k*sk + n*sn]).
+void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
+                     int64_t k_offset, int64_t panel_step, bf16* dst, int64_t lo_delta);
+
 // The GEMMs of the layer, each with its B operand (MATH.md):
 //   gate_up:   g|u  = x Wg^T | x Wu^T    K=H,    N=2*I16, gate and up panels interleaved
 //   down:      o    = h Wd^T             K=I,    N=H

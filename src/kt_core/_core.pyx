@@ -203,6 +203,14 @@ def amx_emulated_tile_dot(uintptr_t c, uintptr_t a, uintptr_t b, tuple shape not
     kt.emulated_tile_dot(<float*>c, <const uint16_t*>a, <const uint16_t*>b, s, configure)
 
 
+def pack_panels_f32(str isa not None, uintptr_t src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
+                    int64_t k_offset, int64_t panel_step, uintptr_t dst, int64_t lo_delta):
+    """Test hook: the packer of ISA path `isa` (pack.hpp's pack_panels) on an fp32 matrix, into zeroed bf16
+    panels at dst (the caller sizes both buffers)."""
+    kt.pack_panels_f32(_isa(isa), <const float*>src, sk, sn, K, N, Kp, k_offset, panel_step, <uint16_t*>dst,
+                       lo_delta)
+
+
 CACHE_CONSUMED = "cache: already consumed by a moe_backward; each forward's cache can be used once"
 
 

@@ -83,6 +83,9 @@ cdef extern from "common.hpp" namespace "kt":
 
 
 cdef extern from "pack.hpp" namespace "kt":
+    void pack_panels_f32(Isa, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*,
+                         int64_t) except +
+
     cdef enum class Gemm(int):
         gate_up
         down

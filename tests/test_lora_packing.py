@@ -1,0 +1,72 @@
+"""The per-call LoRA packer of each ISA path (pack.hpp's pack_panels with lo parts: the AVX-512 one on the
+avx512 and amx paths, the portable loop elsewhere) against an independent numpy model of the VNNI panel
+layout and of the hi / lo split, bitwise, at awkward shapes and values (denormals, NaN, infinities)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import ktf
+
+PANEL = 16
+
+
+def bf16_bits(v: np.ndarray) -> np.ndarray:
+    """VCVTNE2PS2BF16: nearest even, denormal inputs as signed zeros, NaN quieted."""
+    u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    out = np.where((u & 0x7F800000) == 0, (u >> 16) & 0x8000, rounded)
+    out = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, out)
+    return out.astype(np.uint16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def model_pack(B: np.ndarray, Kp: int, k_offset: int, step: int, lo_delta: int, size: int) -> np.ndarray:
+    """B [K, N] into panels of 16 columns x Kp/2 pair-rows x 2: element (k, n) at panel n // 16 (placed at
+    (n // 16) * step panels), pair-row (k + k_offset) // 2, column n % 16, half (k + k_offset) % 2; its lo
+    part bf16(v - bf16(v)) lo_delta elements further."""
+    K, N = B.shape
+    out = np.zeros(size, dtype=np.uint16)
+    hi = bf16_bits(B)
+    with np.errstate(invalid="ignore"):
+        lo = bf16_bits(B - bf16_values(hi))
+    k = np.arange(K)[:, None] + k_offset
+    n = np.arange(N)[None, :]
+    index = (n // PANEL) * step * Kp * PANEL + (k >> 1) * 2 * PANEL + (n % PANEL) * 2 + (k & 1)
+    out[index] = hi
+    out[index + lo_delta] = lo
+    return out
+
+
+def awkward_values(rng, shape):
+    v = rng.standard_normal(shape).astype(np.float32)
+    pick = rng.random(shape)
+    v[pick < 0.03] *= np.float32(1e-40)  # fp32 denormals: their hi and lo parts flush to zero
+    v[(pick >= 0.03) & (pick < 0.04)] = np.nan
+    v[(pick >= 0.04) & (pick < 0.05)] = -np.inf
+    v[(pick >= 0.05) & (pick < 0.06)] = np.float32(3.3e38)  # rounds up to infinity
+    return v
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])
+@pytest.mark.parametrize("K, N, k_offset, step", [(16, 16, 0, 1), (2048, 16, 0, 1), (16, 768, 16, 2),
+                                                   (38, 29, 2, 1), (6, 45, 10, 2), (100, 3, 0, 1)])
+def test_lora_packer_matches_layout_model(isa, transpose, K, N, k_offset, step):
+    rng = np.random.default_rng(K * 1000 + N + k_offset)
+    B = awkward_values(rng, (K, N))
+    # The source as the LoRA matrices lie: k contiguous (t[n][k], the forward's A and B) or n contiguous.
+    src = np.ascontiguousarray(B.T) if transpose else np.ascontiguousarray(B)
+    sk, sn = (1, K) if transpose else (N, 1)
+    Kp = -(-(K + k_offset) // 32) * 32
+    panels = -(-N // PANEL)
+    lo_delta = panels * step * Kp * PANEL  # past every hi part, as LoraPanels places them
+    size = 2 * lo_delta + 64
+    want = model_pack(B, Kp, k_offset, step, lo_delta, size)
+    got = np.zeros(size, dtype=np.uint16)
+    ktf()._core.pack_panels_f32(isa, src.ctypes.data, sk, sn, K, N, Kp, k_offset, step, got.ctypes.data, lo_delta)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"[{isa}] {bad.size} elements differ, first at {bad[:5]}: got {got[bad[:5]]}, want {want[bad[:5]]}"
