@@ -76,6 +76,30 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
       continue;
     }
     // k contiguous for each column: 16 pair-rows of a column are one vector of words; transpose.
+    if (pairs <= 8) {  // K <= 16 (an expand's rank): a vector holds column n of this panel and of the next
+      const bool next = (j + 1) * kPanelCols < N;
+      const int next_cols = next ? int(std::min<int64_t>(kPanelCols, N - (j + 1) * kPanelCols)) : 0;
+      const __mmask16 mk = __mmask16((1u << (2 * pairs)) - 1);
+      __m512i hi[16], lo[16];
+      for (int n = 0; n < 16; ++n) {
+        // The columns of the panels after these two, ahead (the hardware prefetcher follows a task's few
+        // KiB too late).
+        _mm_prefetch(reinterpret_cast<const char*>(ps + (2 * kPanelCols + n) * src.sn), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ps + (3 * kPanelCols + n) * src.sn), _MM_HINT_T0);
+        const __m512 a = n < cols ? _mm512_maskz_loadu_ps(mk, ps + n * src.sn) : _mm512_setzero_ps();
+        const __m512 b = n < next_cols ? _mm512_maskz_loadu_ps(mk, ps + (kPanelCols + n) * src.sn) : _mm512_setzero_ps();
+        split_parts(a, b, hi[n], lo[n]);
+      }
+      transpose16(hi);  // words 0..7: this panel's pair-rows, 8..15: the next panel's
+      transpose16(lo);
+      bf16* next_rows = rows + panel_step * panel_stride;
+      for (int q = 0; q < pairs; ++q) {
+        store(rows + q * 2 * kPanelCols, hi[q], lo[q]);
+        if (next) store(next_rows + q * 2 * kPanelCols, hi[8 + q], lo[8 + q]);
+      }
+      ++j;  // the next panel is done too
+      continue;
+    }
     for (int64_t q0 = 0; q0 < pairs; q0 += 16) {
       const int nq = int(std::min<int64_t>(16, pairs - q0));
       const __mmask16 ma = __mmask16(nq >= 8 ? 0xffff : (1u << (2 * nq)) - 1);
