@@ -84,7 +84,7 @@ class LoraPanels {
  public:
   enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
 
-  LoraPanels(const LoraView& L, int64_t H, int64_t I, int64_t n_active, bool backward, int threads)
+  LoraPanels(const LoraView& L, int64_t H, int64_t I, const ExpertBlocks& blocks, bool backward, int threads)
       : L_(L), H_(H), I_(I), r_(L.rank), R_(round_up(L.rank, kPanelCols)), backward_(backward),
         split_(L.dtype == DType::f32) {
     const int64_t r = r_, R = R_, Ip = round_up(I, kKAlign);
@@ -105,8 +105,10 @@ class LoraPanels {
       expand(kExpandDown, r, I);
     }
     for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
-    data_ = Buffer<bf16>(size_t(offset_[kCount] * n_active), Memory::workspace);
-    prepared_.assign(size_t(n_active), 0);
+    int64_t shared = 0;  // slots for the experts whose row blocks share one packing
+    for (int64_t slot = 0; slot < blocks.experts(); ++slot)
+      shared_index_.push_back(blocks.single(slot) ? -1 : shared++);
+    data_ = Buffer<bf16>(size_t(offset_[kCount] * shared), Memory::workspace);
     buffer_elements_ = std::max({layouts_[kProjectGateUp].elements(), layouts_[kProjectDown].elements(),
                                  kPanelsPerBlock * layouts_[kExpandGateUp].panel_stride(),
                                  kPanelsPerBlock * layouts_[kExpandDown].panel_stride()});
@@ -120,23 +122,24 @@ class LoraPanels {
   bool split() const { return split_; }
   const PanelLayout& layout(Which w) const { return layouts_[w]; }
 
-  // Packs all of expert e's operands into slot `slot` (the expert's row blocks then share them);
+  // Packs all operands of active slot `slot` (expert e) if its row blocks share them (more than one);
   // slots are independent (one task each).
   void prepare(const KernelSet& ks, int64_t slot, int64_t e) {
-    bf16* base = data_.data() + slot * offset_[kCount];
+    if (shared_index_[slot] < 0) return;
+    bf16* base = data_.data() + shared_index_[slot] * offset_[kCount];
     std::fill(base, base + offset_[kCount], bf16(0));
     for (int w = 0; w < kCount; ++w) pack(ks, Which(w), e, 0, layouts_[w].panels, base + offset_[w]);
-    prepared_[slot] = 1;
   }
 
   // Panels [p0, p0 + np) (np <= kPanelsPerBlock for an expand) of operand `which` of active slot
-  // `slot` (expert e), panel stride as the layout's: in the slot if it was prepared, else packed now
+  // `slot` (expert e), panel stride as the layout's: in its shared packing (prepare), else packed now
   // into worker tid's buffer, valid until its next call. An expert with one row block uses each panel
   // once, so its operands are packed by the task that uses them into a cache-sized buffer, instead of
   // written to memory in a pass of their own and read back.
   const bf16* operand(const KernelSet& ks, int64_t slot, int64_t e, Which which, int64_t p0, int64_t np, int tid) {
     const PanelLayout& l = layouts_[which];
-    if (prepared_[slot]) return data_.data() + slot * offset_[kCount] + offset_[which] + p0 * l.panel_stride();
+    if (shared_index_[slot] >= 0)
+      return data_.data() + shared_index_[slot] * offset_[kCount] + offset_[which] + p0 * l.panel_stride();
     bf16* buffer = buffers_.data() + tid * buffer_elements_;
     std::fill(buffer, buffer + np * l.panel_stride(), bf16(0));
     pack(ks, which, e, p0, np, buffer);
@@ -219,7 +222,7 @@ class LoraPanels {
   PanelLayout layouts_[kCount];
   int64_t offset_[kCount + 1] = {};
   Buffer<bf16> data_;
-  std::vector<char> prepared_;  // per slot; written in a job's first phase, read after its barrier
+  std::vector<int64_t> shared_index_;  // per active slot: its packing in data_, or -1 (packed per task)
   Buffer<bf16> buffers_;        // per worker: operands of unprepared slots
   int64_t buffer_elements_ = 0;
 };
@@ -384,7 +387,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t n_active = int64_t(cache->plan.active.size());
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
-    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, false, threads);
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, ws->blocks, false, threads);
     ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
@@ -441,7 +444,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
           std::fill(dst + used, dst + Hp, bf16(0));
         }
       } else if (task < n_blocks + n_lora) {
-        if (!w.blocks.single(task - n_blocks)) w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
+        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
       } else {
         int64_t t0 = (task - n_blocks - n_lora) * kTokenBlock;
         std::memcpy(c.x.data() + t0 * H, x_in + t0 * H, std::min(kTokenBlock, T - t0) * H * sizeof(bf16));
@@ -472,7 +475,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                                               2 * pairs, wk.tid())
                             : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), chunked ? nullptr : B, operand,
+        forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), B, operand,
                      w.xa.data() + b.prow * Hp, Hp, b.rows, scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
           lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
@@ -599,7 +602,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     ws->bd = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->cg = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->cu = Buffer<float>(size_t(routes * r), Memory::workspace);
-    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, n_active, true, threads);
+    ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, ws->blocks, true, threads);
     ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
@@ -633,7 +636,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     //    gate_up part gathers its given [dg | du] instead of gy.
     wk.for_each(n_blocks + n_lora, [&](int64_t task) {
       if (task >= n_blocks) {
-        if (!w.blocks.single(task - n_blocks)) w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
+        w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
         return;
       }
       const RowBlock& b = w.blocks[task];

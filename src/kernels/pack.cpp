@@ -400,19 +400,17 @@ PrefetchStream PackedExperts::operand_source(Gemm g, int64_t e, int64_t p0, int6
 
 const bf16* PackedExperts::operand(Gemm g, int64_t e, int64_t p0, int64_t np, const KernelSet& ks,
                                    bf16* buffer) const {
-  const bool forward = g == Gemm::gate_up || g == Gemm::down;
-  if (forward && storage != Storage::bf16) {
-    ks.decode_panels(quant_panels(g, e), p0, 1, np, 0, layout(g).Kp / 2, buffer, layout(g).panel_stride());
-    return buffer;
-  }
-  if (forward || backward == BackwardWeights::resident) return packed(g, e) + p0 * layout(g).panel_stride();
+  if (g == Gemm::gate_up || g == Gemm::down)  // whole K: the decoded panels' stride is the layout's
+    return forward_operand(g, e, p0, np, 0, layout(g).Kp / 2, ks, buffer).data;
+  if (backward == BackwardWeights::resident) return packed(g, e) + p0 * layout(g).panel_stride();
   make_operand(g, e, p0, np, ks.transpose_panels, ks.decode_panels, buffer);
   return buffer;
 }
 
 PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int64_t p0, int64_t np, int64_t q0,
                                                          int64_t nq, const KernelSet& ks, bf16* buffer) const {
-  if (storage == Storage::bf16) return {packed(g, e) + p0 * layout(g).panel_stride() + q0 * 2 * kPanelCols, layout(g).panel_stride()};
+  const int64_t stride = layout(g).panel_stride();
+  if (storage == Storage::bf16) return {packed(g, e) + p0 * stride + q0 * 2 * kPanelCols, stride};
   ks.decode_panels(quant_panels(g, e), p0, 1, np, q0, nq, buffer, nq * 2 * kPanelCols);
   return {buffer, nq * 2 * kPanelCols};
 }
