@@ -18,7 +18,6 @@ constexpr int64_t kFewRows = 16;        // see ExpertBlocks::few_rows
 constexpr int64_t kTokenBlock = 16;      // tokens per task of the final per-token reduction
 constexpr int64_t kGradCols = kRankUpdateMaxCols;  // columns per LoRA-gradient task
 
-size_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
 // A row block of one expert: padded rows [prow, prow + rows) of A, routes from route0 for the
 // first `real` of them.

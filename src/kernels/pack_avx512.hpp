@@ -8,6 +8,12 @@
 #include <cstdint>
 
 #include "pack.hpp"
+#include "transpose_avx512.hpp"
+
+// GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpmovzxwd, casts) as maybe
+// uninitialized (a known false positive of its headers, as in decode_avx512.hpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace kt {
 namespace {
@@ -21,30 +27,6 @@ inline void split_parts(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
   hi = (__m512i)_mm512_cvtne2ps_pbh(b, a);
   const __m512 ha = widen(_mm512_castsi512_si256(hi)), hb = widen(_mm512_extracti64x4_epi64(hi, 1));
   lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
-}
-
-// 16 x 16 transpose of 32-bit words: r[i] lane j <-> r[j] lane i.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
 }
 
 void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset, int64_t panel_step,
@@ -90,8 +72,8 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
         const __m512 b = n < next_cols ? _mm512_maskz_loadu_ps(mk, ps + (kPanelCols + n) * src.sn) : _mm512_setzero_ps();
         split_parts(a, b, hi[n], lo[n]);
       }
-      transpose16(hi);  // words 0..7: this panel's pair-rows, 8..15: the next panel's
-      transpose16(lo);
+      transpose_16x16_epi32(hi);  // words 0..7: this panel's pair-rows, 8..15: the next panel's
+      transpose_16x16_epi32(lo);
       bf16* next_rows = rows + panel_step * panel_stride;
       for (int q = 0; q < pairs; ++q) {
         store(rows + q * 2 * kPanelCols, hi[q], lo[q]);
@@ -119,8 +101,8 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
         _mm_prefetch(reinterpret_cast<const char*>(col + 48), _MM_HINT_T0);
         split_parts(_mm512_maskz_loadu_ps(ma, col), _mm512_maskz_loadu_ps(mb, col + 16), hi[n], lo[n]);
       }
-      transpose16(hi);
-      transpose16(lo);
+      transpose_16x16_epi32(hi);
+      transpose_16x16_epi32(lo);
       for (int q = 0; q < nq; ++q) store(rows + (q0 + q) * 2 * kPanelCols, hi[q], lo[q]);
     }
   }
@@ -128,3 +110,5 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
 
 }  // namespace
 }  // namespace kt
+
+#pragma GCC diagnostic pop

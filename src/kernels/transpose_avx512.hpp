@@ -7,6 +7,12 @@
 
 #include "kernels.hpp"
 
+// GCC 12 reports the _mm512_undefined_* operand inside the unpack intrinsics as uninitialized (a known
+// false positive of its headers, as in decode_avx512.hpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace kt {
 namespace {
 
@@ -80,3 +86,5 @@ void transpose_panels_avx512(const bf16* src, int64_t src_panel_distance, int64_
 
 }  // namespace
 }  // namespace kt
+
+#pragma GCC diagnostic pop
