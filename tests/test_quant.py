@@ -3,8 +3,10 @@
 - dequantize() is bf16(code * scale) of an independent reference dequantizer (kt_functional.reference),
   at shapes with partial 128-blocks and 32-groups;
 - forward and backward on every ISA path match the fp32 reference run on dequantize()'d weights
-  (MATH.md tolerances), and are bitwise equal to a bf16 state packed from those same values (so the
-  decoders hand the micro-kernels exactly what dequantize() reports);
+  (MATH.md tolerances); where the operands are decoded (experts with more than 16 rows, or ISAs
+  without a kernel that multiplies straight from the codes) they are bitwise equal to a bf16 state
+  packed from those same values (so the decoders hand the micro-kernels exactly what dequantize()
+  reports); experts with at most 16 rows on AVX-512 / AMX multiply by the unrounded code * scale;
 - checkpoint layouts as their own libraries write them: compressed-tensors' pack-quantized; the
   FP8 and MXFP4 dequantization of transformers as a cross-check;
 - nbytes, errors, pickling, the torch adapter.
@@ -82,6 +84,18 @@ def check_dequantized_reference(weights, prob, isa, where):
     return y, grads, gy, (gate, up, down)
 
 
+# ISA paths whose experts with at most FEW_ROWS rows multiply straight from the codes (kernels.hpp,
+# gemm_codes): a group's products of exact code values summed in fp32, then scaled.
+FROM_CODES = ("avx512", "amx")
+FEW_ROWS = 16
+
+
+def expert_rows(prob):
+    """Rows (routes) of every expert that gets any."""
+    ids = prob.ids[prob.ids >= 0]
+    return [int(n) for n in torch.bincount(ids, minlength=prob.E) if n > 0]
+
+
 @pytest.mark.parametrize("storage", QUANTIZED)
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_backward_match_reference(isa, storage, case):
@@ -89,7 +103,11 @@ def test_forward_backward_match_reference(isa, storage, case):
     weights = quantized_weights(prob, storage)
     y, grads, gy, (gate, up, down) = check_dequantized_reference(weights, prob, isa, f"[{isa}/{storage}/{case}]")
     # The decoded operands are exactly the bf16 values dequantize() reports: a bf16 state packed from
-    # them gives bitwise the same outputs (forward GEMMs and both transposed backward GEMMs).
+    # them gives bitwise the same outputs (forward GEMMs and both transposed backward GEMMs). Experts
+    # with few rows on ISAs with gemm_codes multiply by the unrounded values instead (see
+    # test_forward_gemm_multiplies_by_code_times_scale).
+    if isa in FROM_CODES and min(expert_rows(prob)) <= FEW_ROWS:
+        return
     twin = ktf().MoEState(ktf().ExpertWeights.from_tensors(gate, up, down), make_lora(prob), threads=2, isa=isa)
     y2, grads2 = fwd_bwd(twin, prob.x, prob.ids, prob.w, gy)
     assert torch.equal(y, y2), f"[{isa}/{storage}/{case}] y differs from the bf16 twin"
@@ -249,6 +267,45 @@ def test_errors_name_the_argument():
         K.ExpertWeights.from_quantized("int4_group", (i4[0][0][..., :7], i4[0][1]), *i4[1:])
     with pytest.raises(TypeError, match=r"gate\[1\]"):
         K.ExpertWeights.from_quantized("int4_group", (i4[0][0], i4[0][1].to(torch.int32)), *i4[1:])
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_forward_gemm_multiplies_by_code_times_scale(isa, storage, T):
+    """The gate/up GEMM alone (moe_gate_up_forward, no LoRA: fp32 pre-activations straight from the
+    accumulators) against x . W in float64, at H with partial 128-blocks and 32-groups. Few-row experts
+    on FROM_CODES multiply by MATH.md's code * scale itself, so they agree with the exact W to fp32
+    accumulation error (~1e-7); elsewhere the operand is decoded to bf16(code * scale) = dequantize(),
+    and they agree with that to the same precision. The bf16 rounding of W alone moves the result by
+    ~1e-3, so each check tells the two apart."""
+    prob = make_problem(E=5, H=200, I=72, k=3, T=T, r=4, unused_frac=0.1, seed=31 + T)
+    rows = expert_rows(prob)
+    assert (max(rows) <= FEW_ROWS) == (T < 40) and (min(rows) > FEW_ROWS) == (T == 40), rows
+    gate, up, down = checkpoint(storage, prob)
+    weights = ktf().ExpertWeights.from_quantized(storage, gate, up, down)
+    exact = [ref.dequantize_checkpoint(storage, t, prob.H).double() for t in (gate, up)]
+    rounded = [w.double() for w in weights.dequantize()[:2]]
+    from kt_functional import ops
+
+    state = ktf().MoEState(weights, None, threads=2, isa=isa)
+    out, _ = ops.moe_gate_up_forward(state, prob.x, prob.ids, prob.w, save_for_backward=False)
+    x = prob.x.double()
+
+    def expected(gate_w, up_w):
+        want = torch.zeros(out.shape, dtype=torch.float64)
+        for t, j in (prob.ids >= 0).nonzero().tolist():
+            e = int(prob.ids[t, j])
+            want[t, j] = torch.cat([gate_w[e] @ x[t], up_w[e] @ x[t]])
+        return want
+
+    from_codes = isa in FROM_CODES and T < 40
+    want, other = (expected(*exact), expected(*rounded))[:: 1 if from_codes else -1]
+    err, err_other = rel_err(out.double(), want), rel_err(out.double(), other)
+    # mxfp4's values (two significant bits times a power of two) are bf16 values: nothing to tell apart.
+    distinct = storage != "mxfp4"
+    assert distinct == any(not torch.equal(a, b) for a, b in zip(exact, rounded))
+    assert err < 1e-5 and (err_other > 1e-4 or not distinct), (
+        f"[{isa}/{storage}/T={T}] {err:.2e} vs the other values {err_other:.2e}")
 
 
 def test_results_do_not_depend_on_threads(isa):

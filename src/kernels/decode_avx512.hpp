@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "kernels.hpp"
 
@@ -48,57 +49,82 @@ inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<co
 
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// A pair-row of 32 e4m3fn codes as 2^-8 times their values, elements 0..15 in lo and 16..31 in hi.
-// Sign-extended to 32 bits, a code shifted left by 20 and masked is an fp32 with the code's exponent
-// and mantissa bits in place and its sign in bit 31: the value times 2^-120 (subnormal codes land on
-// fp32 subnormals, also exact), so one exact multiply by 2^112 gives value * 2^-8.
-inline __m512 fp8_times_2_pow_m8(__m512i sign_extended) {
+// A pair-row of 32 e4m3fn codes as `factor` * 2^-120 times their values, elements 0..15 in lo and
+// 16..31 in hi. Sign-extended to 32 bits, a code shifted left by 20 and masked is an fp32 with the
+// code's exponent and mantissa bits in place and its sign in bit 31: the value times 2^-120
+// (subnormal codes land on fp32 subnormals, also exact), so one exact multiply by a power of two
+// rescales it (2^112: the decoders' value * 2^-8; 2^120: the value).
+inline __m512 fp8_scaled(__m512i sign_extended, __m512 factor) {
   const __m512i bits = _mm512_and_si512(_mm512_slli_epi32(sign_extended, 20), _mm512_set1_epi32(int32_t(0x87f00000u)));
-  return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0x1p112f));
+  return _mm512_mul_ps(_mm512_castsi512_ps(bits), factor);
 }
-inline void fp8_row(const uint8_t* p, __m512& lo, __m512& hi) {
+inline void fp8_row(const uint8_t* p, float factor, __m512& lo, __m512& hi) {
   const __m128i* c = reinterpret_cast<const __m128i*>(p);
-  lo = fp8_times_2_pow_m8(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
-  hi = fp8_times_2_pow_m8(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
+  lo = fp8_scaled(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)), _mm512_set1_ps(factor));
+  hi = fp8_scaled(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)), _mm512_set1_ps(factor));
 }
 
 // The formats: bytes per pair-row, pair-rows per scale group (a panel's scales change at multiples
-// of it), the scales of a group, and a pair-row's values (before scaling).
+// of it), the 16 column scales of a group, and a pair-row's values (before scaling) as fp32 halves
+// (the decoders) or, kStep pair-rows at a time, exactly as bf16 VNNI rows (gemm_codes: every code's
+// value is a bf16; the scales multiply the fp32 sums of a group instead).
 struct Int8Format {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
-  static RowScales scales(const uint8_t* s, int64_t) { return RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(s))); }
+  static constexpr int kStep = 1;
+  static __m512 column_scales(const uint8_t* s, int64_t) { return _mm512_loadu_ps(reinterpret_cast<const float*>(s)); }
+  static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(column_scales(s, group)); }
   static int64_t scale_bytes(int64_t) { return 0; }
   void values(const uint8_t* p, __m512& lo, __m512& hi) const {
     const __m128i* c = reinterpret_cast<const __m128i*>(p);
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
   }
+  void codes(const uint8_t* p, __m512bh* row) const {
+    __m512 lo, hi;
+    values(p, lo, hi);
+    row[0] = _mm512_cvtne2ps_pbh(hi, lo);  // |q| <= 128: exact
+  }
 };
 
 struct Fp8BlockFormat {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
+  static constexpr int kStep = 1;
+  static __m512 column_scales(const uint8_t* s, int64_t group) {
+    return _mm512_set1_ps(reinterpret_cast<const float*>(s)[group]);
+  }
   static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(reinterpret_cast<const float*>(s)[group] * 256.0f); }
   static int64_t scale_bytes(int64_t groups) { return groups * 4; }
-  void values(const uint8_t* p, __m512& lo, __m512& hi) const { fp8_row(p, lo, hi); }
+  void values(const uint8_t* p, __m512& lo, __m512& hi) const { fp8_row(p, 0x1p112f, lo, hi); }
+  void codes(const uint8_t* p, __m512bh* row) const {  // 4 significant bits, exponents -9..8: exact in bf16
+    __m512 lo, hi;
+    fp8_row(p, 0x1p120f, lo, hi);
+    row[0] = _mm512_cvtne2ps_pbh(hi, lo);
+  }
 };
 
-// int4_group and mxfp4: a code's value from a 16-entry table (vpermps reads an index's low 4 bits).
+// int4_group and mxfp4: a code's value from a 16-entry table (vpermps reads an index's low 4 bits;
+// vpermw, for the bf16 values, an index's low 5: the table twice).
 struct FourBitFormat {
   static constexpr int64_t kRowBytes = 16, kGroupPairs = 16;  // one scale per (32 rows, column)
+  static constexpr int kStep = 2;
   Storage storage;
   ScaleType type;
   __m512 table;
-  RowScales scales(const uint8_t* s, int64_t group) const {
+  __m512i table_bf16;
+  FourBitFormat(Storage storage, ScaleType type, __m512 table)
+      : storage(storage), type(type), table(table), table_bf16((__m512i)_mm512_cvtne2ps_pbh(table, table)) {}
+  __m512 column_scales(const uint8_t* s, int64_t group) const {
     if (storage == Storage::mxfp4) {  // E8M0: 2^(e - 127), e = 0 is the fp32 denormal 2^-127
       const __m512i e = bytes16(s + group * kPanelCols);
       const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
                                                  _mm512_set1_epi32(0x00400000));
-      return RowScales(_mm512_castsi512_ps(bits));
+      return _mm512_castsi512_ps(bits);
     }
-    if (type == ScaleType::f32) return RowScales(_mm512_loadu_ps(reinterpret_cast<const float*>(s) + group * kPanelCols));
+    if (type == ScaleType::f32) return _mm512_loadu_ps(reinterpret_cast<const float*>(s) + group * kPanelCols);
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + group * kPanelCols * 2));
-    return RowScales(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
   }
+  RowScales scales(const uint8_t* s, int64_t group) const { return RowScales(column_scales(s, group)); }
   int64_t scale_bytes(int64_t groups) const {
     return groups * kPanelCols * (storage == Storage::mxfp4 ? 1 : type == ScaleType::f32 ? 4 : 2);
   }
@@ -106,6 +132,14 @@ struct FourBitFormat {
     const __m512i x = bytes16(p);
     lo = _mm512_permutexvar_ps(x, table);
     hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+  }
+  // Two pair-rows: their 32 bytes as words, and shifted by 4 (the high nibbles), so that a row's
+  // elements 0..15 (low nibbles) and 16..31 (high nibbles) are one 512-bit lane pair each.
+  void codes(const uint8_t* p, __m512bh* row) const {
+    const __m512i low = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i high = _mm512_srli_epi16(low, 4);
+    row[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(low, high, 0x44), table_bf16);
+    row[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(low, high, 0xee), table_bf16);
   }
 };
 
@@ -147,6 +181,14 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
 // Up to kStreams panels at a time.
 constexpr int kStreams = 6;
 
+inline FourBitFormat four_bit_format(const QuantPanels& src) {
+  if (src.storage == Storage::int4_group)  // two's complement
+    return {src.storage, src.scale_type, _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)};
+  return {src.storage, src.scale_type,
+          _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f, 2.0f, 1.5f, 1.0f,
+                        0.5f, 0.0f)};
+}
+
 template <class Format>
 void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
                    int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride) {
@@ -178,12 +220,110 @@ void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t p
     case Storage::fp8_block:
       return run(Fp8BlockFormat{});
     case Storage::int4_group:
-      return run(FourBitFormat{src.storage, src.scale_type,  // two's complement
-                               _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)});
     case Storage::mxfp4:
-      return run(FourBitFormat{src.storage, src.scale_type,
-                               _mm512_set_ps(-6.0f, -4.0f, -3.0f, -2.0f, -1.5f, -1.0f, -0.5f, -0.0f, 6.0f, 4.0f, 3.0f,
-                                             2.0f, 1.5f, 1.0f, 0.5f, 0.0f)});
+      return run(four_bit_format(src));
+    default:
+      return;
+  }
+}
+
+
+// gemm_codes (kernels.hpp): MR rows x NP panels, the panels' codes read once per call. Each scale
+// group's products are summed in fp32 on `sum`, then added to `total` times the group's column
+// scales.
+template <int MR, int NP, class Format>
+void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, int64_t scale_offset, const bf16* A,
+                      int64_t lda, int64_t kpairs, float* C, int64_t ldc) {
+  constexpr int kStep = Format::kStep;
+  constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
+  const Format f = format;
+  const uint8_t* panels[NP];
+  for (int p = 0; p < NP; ++p) panels[p] = panel_codes[p];
+  __m512 total[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < NP; ++p) total[m][p] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < kpairs;) {
+    const int64_t group = q / Format::kGroupPairs;
+    const int64_t end = std::min(kpairs, (group + 1) * Format::kGroupPairs);
+    __m512 sum[MR][NP];
+    for (int m = 0; m < MR; ++m)
+      for (int p = 0; p < NP; ++p) sum[m][p] = _mm512_setzero_ps();
+    for (; q < end; q += kStep) {
+      __m512bh a[MR][kStep];
+      for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < kStep; ++i)
+          a[m][i] = (__m512bh)_mm512_set1_epi32(
+              __builtin_bit_cast(int32_t, *reinterpret_cast<const uint32_t*>(A + m * lda + 2 * (q + i))));
+      for (int p = 0; p < NP; ++p) {
+        const uint8_t* codes = panels[p] + q * Format::kRowBytes;
+        if (q % kRowsPerLine == 0) prefetch_ahead(codes);
+        __m512bh b[kStep];
+        f.codes(codes, b);
+        for (int i = 0; i < kStep; ++i)
+          for (int m = 0; m < MR; ++m) sum[m][p] = _mm512_dpbf16_ps(sum[m][p], a[m][i], b[i]);
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      const uint8_t* scales = panels[p] + scale_offset;
+      const __m512 s = f.column_scales(scales, group);
+      prefetch_scales(scales + f.scale_bytes(group + kScaleGroupsAhead));
+      for (int m = 0; m < MR; ++m) total[m][p] = _mm512_fmadd_ps(sum[m][p], s, total[m][p]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(C + m * ldc + p * kPanelCols, total[m][p]);
+}
+
+// Panels per block of MR rows: 2 MR NP accumulators, the broadcast pairs and the decoded rows fit the 32 zmm.
+constexpr int codes_panels(int mr) { return mr <= 2 ? 6 : mr == 3 ? 4 : 3; }
+constexpr int kCodesRows = 4;
+
+template <int MR, class Format, size_t... NP>
+void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
+                     const bf16* A, int64_t lda, float* C, int64_t ldc, std::index_sequence<NP...>) {
+  constexpr int kPanels = codes_panels(MR);
+  using BlockFn = void (*)(const Format&, const uint8_t* const*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t);
+  static constexpr BlockFn blocks[] = {gemm_codes_block<MR, int(NP) + 1, Format>...};  // 1 .. kPanels panels
+  for (int p0 = 0; p0 < np; p0 += kPanels) {
+    const int n = std::min(kPanels, np - p0);
+    const uint8_t* panels[kPanels];
+    for (int p = 0; p < n; ++p) panels[p] = src.data + (first_panel + p0 + p) * src.panel_bytes;
+    blocks[n - 1](f, panels, src.scale_offset, A, lda, kpairs, C + p0 * kPanelCols, ldc);
+  }
+}
+
+template <int MR, class Format>
+void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
+                     const bf16* A, int64_t lda, float* C, int64_t ldc) {
+  gemm_codes_rows<MR>(f, src, first_panel, np, kpairs, A, lda, C, ldc, std::make_index_sequence<codes_panels(MR)>());
+}
+
+template <class Format>
+void gemm_codes_format(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
+                       const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < rows; m += kCodesRows) {
+    const bf16* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (std::min<int64_t>(kCodesRows, rows - m)) {
+      case 1: gemm_codes_rows<1>(f, src, first_panel, np, kpairs, a, lda, c, ldc); break;
+      case 2: gemm_codes_rows<2>(f, src, first_panel, np, kpairs, a, lda, c, ldc); break;
+      case 3: gemm_codes_rows<3>(f, src, first_panel, np, kpairs, a, lda, c, ldc); break;
+      default: gemm_codes_rows<4>(f, src, first_panel, np, kpairs, a, lda, c, ldc); break;
+    }
+  }
+}
+
+void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs, const bf16* A,
+                       int64_t lda, int64_t rows, float* C, int64_t ldc) {
+  auto run = [&](const auto& format) { gemm_codes_format(format, src, first_panel, np, kpairs, A, lda, rows, C, ldc); };
+  switch (src.storage) {
+    case Storage::int8:
+      return run(Int8Format{});
+    case Storage::fp8_block:
+      return run(Fp8BlockFormat{});
+    case Storage::int4_group:
+    case Storage::mxfp4:
+      return run(four_bit_format(src));
     default:
       return;
   }

@@ -259,13 +259,14 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
-                                   DecodePanelsFn decode_panels, PackPanelsFn pack_panels) {
+                                   DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, PackPanelsFn pack_panels) {
   return KernelSet{isa,
                    mr,
                    row_multiple,
                    gemm,
                    transpose_panels,
                    decode_panels,
+                   gemm_codes,
                    pack_panels,
                    {{gate_forward<Swish, false>, gate_forward<Gelu, false>, gate_forward<GeluTanh, false>,
                      gate_forward<Relu, false>, gate_forward<Relu2, false>},

@@ -88,6 +88,15 @@ using DecodePanelsFn = void (*)(const QuantPanels& src, int64_t first_panel, int
 void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                            int64_t nq, bf16* dst, int64_t dst_panel_stride);
 
+// Micro-kernel of the few-row forward GEMMs of a quantized storage, straight from its codes:
+// C[rows][16*np] = A[rows][2*kpairs] x panels [first_panel, first_panel + np) of src, where every
+// code's value (exact in bf16) meets A in VDPBF16PS and a scale group's fp32 sums are then multiplied
+// by its scales: MATH.md's q * s without the bf16 rounding decode_panels applies to the product. For
+// experts with a few rows (the panels' codes are read again per 4 rows), where reading B bounds the
+// GEMM and a decoded copy would cost a store and a reload per pair-row.
+using GemmCodesFn = void (*)(const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs, const bf16* A,
+                             int64_t lda, int64_t rows, float* C, int64_t ldc);
+
 // The expert variants of MATH.md ("Expert variants"): the activation, whether a gate multiplies it,
 // gpt-oss / DeepSeek-V4 clamps and up offset, and frozen biases. Chosen once per call: the
 // macro-kernels pick the epilogue instantiated for (gated, activation) from the KernelSet.
@@ -128,6 +137,7 @@ struct KernelSet {
   GemmFn gemm;
   TransposePanelsFn transpose_panels;
   DecodePanelsFn decode_panels;
+  GemmCodesFn gemm_codes;  // null: few-row quantized GEMMs decode K chunks with decode_panels instead
   PackPanelsFn pack_panels;
   // Epilogues per [gated][activation], one template instantiated per entry (elementwise.hpp).
   GateForwardFn gate_forward[2][kActivations];

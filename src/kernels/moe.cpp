@@ -291,15 +291,21 @@ float dot_bf16(const float* a, const bf16* b, int64_t n) {
 // Pair-rows per chunk of a forward operand decoded just before use: 6 panels of them are 24 KiB (L1).
 constexpr int64_t kDecodePairs = 64;
 
-// C[rows][16*np] = A x panels [p0, p0 + np) of expert e's forward GEMM g. B: the operand made for the
+// C[rows][16*np] = A x panels [p0, p0 + np) of expert e's forward GEMM g, for the `real` first of
+// the rows (the others, A's padding, get zeros where not computed). B: the operand made for the
 // whole column block (shared by the expert's row blocks), or null: an expert with few rows (the
-// memory-bound case) decodes its codes a chunk of K at a time into `buffer` and runs each chunk
-// while it is in L1, so the codes stream with the GEMM instead of in a pass of their own. (At 64
-// rows the chunks' C reloads cost more than they save: T=1024 forward 10% slower.)
+// memory-bound case) multiplies straight from the codes where the ISA can (gemm_codes), else it
+// decodes its codes a chunk of K at a time into `buffer` and runs each chunk while it is in L1, so
+// the codes stream with the GEMM instead of in a pass of their own. (At 64 rows the chunks' C
+// reloads cost more than they save: T=1024 forward 10% slower.)
 void forward_gemm(const KernelSet& ks, const PackedExperts& W, Gemm g, int64_t e, int64_t p0, int np, const bf16* B,
-                  bf16* buffer, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc) {
+                  bf16* buffer, const bf16* A, int64_t lda, int64_t rows, int64_t real, float* C, int64_t ldc) {
   const PanelLayout& L = W.layout(g);
   if (B) return gemm_rows(ks, A, lda, rows, B, L, np, C, ldc);
+  if (W.forward_from_codes(g, e, p0, np, A, lda, real, C, ldc, ks)) {
+    for (int64_t i = real; i < rows; ++i) std::fill(C + i * ldc, C + i * ldc + np * kPanelCols, 0.0f);
+    return;
+  }
   for (int64_t q0 = 0; q0 < L.Kp / 2; q0 += kDecodePairs) {
     const int64_t nq = std::min(kDecodePairs, L.Kp / 2 - q0);
     const PackedExperts::OperandView op = W.forward_operand(g, e, p0, np, q0, nq, ks, buffer);
@@ -475,7 +481,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
                             : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), B, operand,
-                     w.xa.data() + b.prow * Hp, Hp, b.rows, scratch, kColBlock);
+                     w.xa.data() + b.prow * Hp, Hp, b.rows, b.real, scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
           lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
                       w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows,
@@ -531,8 +537,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const bf16* LB =
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, scratch,
-                     kColBlock);
+        forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, b.real,
+                     scratch, kColBlock);
         if (lora)
           lora_expand(ks, *w.lora, LoraPanels::kExpandDown, LB,
                       w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, np, scratch,

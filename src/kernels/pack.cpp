@@ -415,6 +415,13 @@ PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int
   return {buffer, nq * 2 * kPanelCols};
 }
 
+bool PackedExperts::forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda,
+                                       int64_t rows, float* C, int64_t ldc, const KernelSet& ks) const {
+  if (storage == Storage::bf16 || !ks.gemm_codes) return false;
+  ks.gemm_codes(quant_panels(g, e), p0, np, layout(g).Kp / 2, A, lda, rows, C, ldc);
+  return true;
+}
+
 void PackedExperts::dequantize(int64_t e, float* gate, float* up, float* down) const {
   auto at = [](const bf16* panels, int64_t panel_distance, int64_t k, int64_t n) {
     return bf16_to_f32(panels[(n / kPanelCols) * panel_distance + (k >> 1) * 2 * kPanelCols + (n % kPanelCols) * 2 +
