@@ -308,6 +308,52 @@ def test_forward_gemm_multiplies_by_code_times_scale(isa, storage, T):
         f"[{isa}/{storage}/T={T}] {err:.2e} vs the other values {err_other:.2e}")
 
 
+def every_code_checkpoint(storage, E, out, inp, seed=0):
+    """A projection's checkpoint tensors whose codes run through every value the format has (NaN
+    excepted) and whose scales are powers of two (some != 1), so code * scale is exact in fp32 and bf16."""
+    g = torch.Generator().manual_seed(seed)
+    n = E * out * inp
+    if storage == "int8":
+        codes = (torch.arange(n) % 256 - 128).to(torch.int8).reshape(E, out, inp)
+        return codes, torch.exp2(torch.randint(-3, 4, (E, out), generator=g).float())
+    if storage == "fp8_block":
+        bits = torch.arange(n) % 256
+        bits[(bits & 0x7F) == 0x7F] = 0  # the NaN codes
+        codes = bits.to(torch.uint8).view(torch.float8_e4m3fn).reshape(E, out, inp)
+        return codes, torch.exp2(torch.randint(-3, 4, (E, -(-out // 128), -(-inp // 128)), generator=g).float())
+    if storage == "int4_group":
+        words = torch.randint(-(2**31), 2**31, (E, out, inp // 8), generator=g, dtype=torch.int64).to(torch.int32)
+        return words, torch.exp2(torch.randint(-3, 4, (E, out, inp // 32), generator=g).float()).bfloat16()
+    blocks = torch.randint(0, 256, (E, out, inp // 32, 16), generator=g, dtype=torch.uint8)
+    return blocks, torch.randint(120, 135, (E, out, inp // 32), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_every_code_value_reaches_the_gemm(isa, storage):
+    """One-hot tokens read the GEMM's weights out one input column at a time (moe_gate_up_forward: fp32
+    outputs, no LoRA), so every code of the format is checked exactly: on every ISA path, in the few-row
+    GEMM (16 tokens per call) and in the decoded-operand one (64), against MATH.md's code * scale."""
+    E, I, H = 2, 64, 256
+    gate, up = (every_code_checkpoint(storage, E, I, H, seed) for seed in (1, 2))
+    down = every_code_checkpoint(storage, E, H, I, 3)
+    weights = ktf().ExpertWeights.from_quantized(storage, gate, up, down)
+    want = [ref.dequantize_checkpoint(storage, t, H) for t in (gate, up)]
+    assert all(torch.equal(w, d) for w, d in zip(want, weights.dequantize()[:2])), "exact in bf16 by construction"
+    from kt_functional import ops
+
+    state = ktf().MoEState(weights, None, threads=2, isa=isa)
+    for T in (16, 64):
+        for e in range(E):
+            for i0 in range(0, H, T):
+                x = torch.zeros(T, H, dtype=torch.bfloat16)
+                x[torch.arange(T), i0 + torch.arange(T)] = 1
+                ids = torch.full((T, 1), e)
+                out, _ = ops.moe_gate_up_forward(state, x, ids, torch.ones(T, 1), save_for_backward=False)
+                got = out[:, 0]  # [T, 2I]: column i0 + t of gate | up
+                expected = torch.cat([want[0][e, :, i0 : i0 + T], want[1][e, :, i0 : i0 + T]]).T
+                assert torch.equal(got, expected), f"[{isa}/{storage}] expert {e}, T={T}, columns {i0}.."
+
+
 def test_results_do_not_depend_on_threads(isa):
     prob = make_problem(**CASES["awkward"], seed=21)
     gy = make_gy(prob)

@@ -51,9 +51,10 @@ inline void decode_rows(const uint8_t* codes, int64_t q0, int64_t nq, bf16* out,
   for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
     if (q == q0 || q % 16 == 0)
       for (int c = 0; c < kPanelCols; ++c) scale[2 * c] = scale[2 * c + 1] = column_scale(q, c);
-    if constexpr (kFourBit) {  // byte i: element i in the low nibble, element i + 16 in the high one
-      const uint8_t* row = codes + q * kPanelCols;
-      for (int i = 0; i < kPanelCols; ++i) code[i] = row[i] & 0xf, code[i + kPanelCols] = row[i] >> 4;
+    if constexpr (kFourBit) {  // element i: bits 4 (q % 4) of 16-bit word i of 64-byte block q / 4
+      const uint8_t* block = codes + (q >> 2) * 64 + ((q >> 1) & 1);
+      const int shift = 4 * (q & 1);
+      for (int i = 0; i < kRow; ++i) code[i] = (block[2 * i] >> shift) & 0xf;
       for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(value(code[i]) * scale[i]);
     } else {
       const uint8_t* row = codes + q * kRow;

@@ -1,5 +1,5 @@
 // The decoders of the quantized storages (kernels.hpp, QuantPanels) with AVX-512 F/BW/VL/BF16:
-// a 64-byte bf16 pair-row per step from 32 (8-bit) or 16 (4-bit) bytes of codes, scaled in fp32
+// a 64-byte bf16 pair-row per step from 32 (8-bit) or 16 (4-bit, on average) bytes of codes, scaled in fp32
 // and rounded by VCVTNE2PS2BF16. Bitwise equal to decode.hpp. Included only by files built with
 // AVX-512 flags; internal linkage.
 #pragma once
@@ -65,23 +65,23 @@ inline void fp8_row(const uint8_t* p, float factor, __m512& lo, __m512& hi) {
 }
 
 // The formats: bytes per pair-row, pair-rows per scale group (a panel's scales change at multiples
-// of it), the 16 column scales of a group, and a pair-row's values (before scaling) as fp32 halves
-// (the decoders) or, kStep pair-rows at a time, exactly as bf16 VNNI rows (gemm_codes: every code's
-// value is a bf16; the scales multiply the fp32 sums of a group instead).
+// of it), the 16 column scales of a group, and the values (before scaling) of a panel's pair-row q as
+// fp32 halves (the decoders) or, kStep pair-rows from q on, exactly as bf16 VNNI rows (gemm_codes:
+// every code's value is a bf16; the scales multiply the fp32 sums of a group instead).
 struct Int8Format {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
   static constexpr int kStep = 1;
   static __m512 column_scales(const uint8_t* s, int64_t) { return _mm512_loadu_ps(reinterpret_cast<const float*>(s)); }
   static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(column_scales(s, group)); }
   static int64_t scale_bytes(int64_t) { return 0; }
-  void values(const uint8_t* p, __m512& lo, __m512& hi) const {
-    const __m128i* c = reinterpret_cast<const __m128i*>(p);
+  void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
+    const __m128i* c = reinterpret_cast<const __m128i*>(panel + q * kRowBytes);
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
   }
-  void codes(const uint8_t* p, __m512bh* row) const {
+  void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {
     __m512 lo, hi;
-    values(p, lo, hi);
+    values(panel, q, lo, hi);
     row[0] = _mm512_cvtne2ps_pbh(hi, lo);  // |q| <= 128: exact
   }
 };
@@ -94,19 +94,32 @@ struct Fp8BlockFormat {
   }
   static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(reinterpret_cast<const float*>(s)[group] * 256.0f); }
   static int64_t scale_bytes(int64_t groups) { return groups * 4; }
-  void values(const uint8_t* p, __m512& lo, __m512& hi) const { fp8_row(p, 0x1p112f, lo, hi); }
-  void codes(const uint8_t* p, __m512bh* row) const {  // 4 significant bits, exponents -9..8: exact in bf16
-    __m512 lo, hi;
-    fp8_row(p, 0x1p120f, lo, hi);
-    row[0] = _mm512_cvtne2ps_pbh(hi, lo);
+  void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
+    fp8_row(panel + q * kRowBytes, 0x1p112f, lo, hi);
+  }
+  // The bf16 bits of an e4m3 value (4 significant bits, exponents -9..8: all exact) straight from its
+  // code: sign and exponent | mantissa fields moved into place and the exponent rebiased (+120); a
+  // code with a zero exponent field (zero, subnormals) takes its value from a table instead.
+  __m512i subnormals = (__m512i)_mm512_cvtne2ps_pbh(
+      _mm512_setzero_ps(), _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 7 * 0x1p-9f, 6 * 0x1p-9f, 5 * 0x1p-9f, 4 * 0x1p-9f,
+                                         3 * 0x1p-9f, 2 * 0x1p-9f, 0x1p-9f, 0.0f));
+  void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {
+    const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kRowBytes)));
+    const __m512i moved = _mm512_slli_epi16(x, 4);  // sign (extended) in bit 15, exponent | mantissa in bits 10..4
+    const __m512i normal =
+        _mm512_add_epi16(_mm512_and_si512(moved, _mm512_set1_epi16(int16_t(0x87f0))), _mm512_set1_epi16(120 << 7));
+    const __mmask32 zero_exponent = _mm512_testn_epi16_mask(x, _mm512_set1_epi16(0x78));
+    const __m512i magnitude = _mm512_mask_permutexvar_epi16(normal, zero_exponent, x, subnormals);  // index: mantissa
+    row[0] = (__m512bh)_mm512_ternarylogic_epi32(magnitude, moved, _mm512_set1_epi16(int16_t(0x8000)), 0xf8);  // | sign
   }
 };
 
 // int4_group and mxfp4: a code's value from a 16-entry table (vpermps reads an index's low 4 bits;
-// vpermw, for the bf16 values, an index's low 5: the table twice).
+// vpermw, for the bf16 values, an index's low 5: the table twice). Codes come 4 pair-rows to a
+// 64-byte block whose 16-bit word i holds element i of pair-row 4b + j in bits 4j..4j+3 (kernels.hpp).
 struct FourBitFormat {
   static constexpr int64_t kRowBytes = 16, kGroupPairs = 16;  // one scale per (32 rows, column)
-  static constexpr int kStep = 2;
+  static constexpr int kStep = 4;
   Storage storage;
   ScaleType type;
   __m512 table;
@@ -128,18 +141,18 @@ struct FourBitFormat {
   int64_t scale_bytes(int64_t groups) const {
     return groups * kPanelCols * (storage == Storage::mxfp4 ? 1 : type == ScaleType::f32 ? 4 : 2);
   }
-  void values(const uint8_t* p, __m512& lo, __m512& hi) const {
-    const __m512i x = bytes16(p);
-    lo = _mm512_permutexvar_ps(x, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+  static const uint8_t* block(const uint8_t* panel, int64_t q) { return panel + (q >> 2) * 64; }
+  void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
+    const __m512i words = _mm512_srli_epi16(_mm512_loadu_si512(block(panel, q)), unsigned(4 * (q & 3)));
+    lo = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), table);
+    hi = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), table);
   }
-  // Two pair-rows: their 32 bytes as words, and shifted by 4 (the high nibbles), so that a row's
-  // elements 0..15 (low nibbles) and 16..31 (high nibbles) are one 512-bit lane pair each.
-  void codes(const uint8_t* p, __m512bh* row) const {
-    const __m512i low = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    const __m512i high = _mm512_srli_epi16(low, 4);
-    row[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(low, high, 0x44), table_bf16);
-    row[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(low, high, 0xee), table_bf16);
+  void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {  // q: a multiple of 4
+    const __m512i words = _mm512_loadu_si512(block(panel, q));
+    row[0] = (__m512bh)_mm512_permutexvar_epi16(words, table_bf16);
+    row[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table_bf16);
+    row[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), table_bf16);
+    row[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), table_bf16);
   }
 };
 
@@ -168,10 +181,9 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
     }
     for (; q < end; ++q) {
       for (int j = 0; j < N; ++j) {
-        const uint8_t* codes = panels[j] + q * Format::kRowBytes;
-        if (q % kRowsPerLine == 0) prefetch_ahead(codes);
+        if (q % kRowsPerLine == 0) prefetch_ahead(panels[j] + q * Format::kRowBytes);
         __m512 lo, hi;
-        f.values(codes, lo, hi);
+        f.values(panels[j], q, lo, hi);
         store_row(out[j] + (q - q0) * kRow, lo, hi, s[j]);
       }
     }
@@ -255,10 +267,9 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
           a[m][i] = (__m512bh)_mm512_set1_epi32(
               __builtin_bit_cast(int32_t, *reinterpret_cast<const uint32_t*>(A + m * lda + 2 * (q + i))));
       for (int p = 0; p < NP; ++p) {
-        const uint8_t* codes = panels[p] + q * Format::kRowBytes;
-        if (q % kRowsPerLine == 0) prefetch_ahead(codes);
+        if (q % kRowsPerLine == 0) prefetch_ahead(panels[p] + q * Format::kRowBytes);
         __m512bh b[kStep];
-        f.codes(codes, b);
+        f.codes(panels[p], q, b);
         for (int i = 0; i < kStep; ++i)
           for (int m = 0; m < MR; ++m) sum[m][p] = _mm512_dpbf16_ps(sum[m][p], a[m][i], b[i]);
       }

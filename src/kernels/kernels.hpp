@@ -62,9 +62,10 @@ void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64
 
 // One expert's B operand in a quantized storage, packed once in the bf16 panel order so that a
 // decoder streams it: panel p (16 columns, Kp rows) starts at data + p * panel_bytes with its codes
-// (8-bit formats: one byte per element, in the bf16 panel's element order; 4-bit formats: pair-row
-// q's 32 elements as 16 bytes, byte j = element j | element j + 16 << 4, so that the low nibbles
-// are the first half of the row), then at scale_offset its scales:
+// (8-bit formats: one byte per element, in the bf16 panel's element order; 4-bit formats: 4 pair-rows
+// per 64-byte block, whose little-endian 16-bit word i holds element i of pair-row 4b + j in bits
+// 4j..4j+3, so that one load and a shift give a pair-row's 32 codes in the panel's element order),
+// then at scale_offset its scales:
 //   int8        fp32 [16]                one per column (output row)
 //   fp8_block   fp32 [ceil(Kp/128)]      one per 128 rows (the panel's 16 columns share a block)
 //   int4_group  fp32 / bf16 [Kp/32][16]  one per (32 rows, column)

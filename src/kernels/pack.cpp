@@ -123,8 +123,8 @@ void pack_quantized(ScaleType t, const QuantSource& src, int64_t out, int64_t in
       for (int64_t k = 0; k < in; ++k) {
         const uint8_t code = source_code<S>(src.codes, in, o, k);
         const int64_t pos = 2 * c + (k & 1), q = k >> 1;
-        if constexpr (four_bit(S))
-          panel[q * kPanelCols + (pos & 15)] |= uint8_t(code << (pos >= 16 ? 4 : 0));
+        if constexpr (four_bit(S))  // bits 4 (q % 4) of 16-bit word pos of block q / 4 (kernels.hpp)
+          panel[(q >> 2) * 64 + 2 * pos + ((q >> 1) & 1)] |= uint8_t(code << (4 * (q & 1)));
         else
           panel[q * 2 * kPanelCols + pos] = code;
       }
