@@ -168,7 +168,7 @@ class ExpertWeights:
             return _unpickle_quantized_parts, (E, H, I, self.parts, self.part_cpus, self.numa, *variant)
         if self.storage != "bf16":
             return _unpickle_quantized, (E, H, I, self.packed.storage, self.packed.scale_type,
-                                         *self.packed.quantized_bytes(), *variant)
+                                         *self.packed.quantized_bytes(), *variant, PACKED_LAYOUT)
         gate, up, down = (t.bfloat16() for t in self.dequantize())  # bf16-exact: no rounding
         return _unpickle_expert_weights, (gate if self.variant.gated else None, up, down, self.backward_weights,
                                           self.partitions, self.numa, self.variant, self.gate_bias, self.up_bias,
@@ -186,8 +186,10 @@ class ExpertWeights:
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by.
 
-        A quantized storage's kernels multiply by bf16(code * scale) (decoded to bf16 for the micro-kernels),
-        so these are those bf16-rounded values.
+        A quantized storage's kernels decode it to bf16 panels for the micro-kernels, so these are those
+        bf16-rounded values, bf16(code * scale). One exception: in a forward call, an expert with at most 16
+        rows on the avx512 and amx paths is multiplied straight from its codes (each code's value is a bf16;
+        the scales multiply fp32 sums), that is by code * scale itself, within one bf16 rounding of these.
         """
         if self.parts:
             gates, ups, downs = zip(*(p.dequantize() for p in self.parts))
@@ -325,8 +327,18 @@ def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: 
                                       down_bias=down_bias)
 
 
+# Version of the packed bytes a quantized storage pickles (kernels.hpp, QuantPanels): 2 packs the 4-bit
+# formats 4 pair-rows to a 64-byte block (1: a pair-row's 16 bytes in a row; pickles without a version).
+PACKED_LAYOUT = 2
+
+
 def _unpickle_quantized(E: int, H: int, I: int, storage: int, scale_type: int, gate_up: bytes, down: bytes,
-                        variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None, down_bias=None) -> ExpertWeights:
+                        variant: ExpertVariant = SWIGLU, gate_bias=None, up_bias=None, down_bias=None,
+                        layout: int = 1) -> ExpertWeights:
+    if layout != PACKED_LAYOUT and quant.STORAGES[storage] in ("int4_group", "mxfp4"):
+        raise ValueError(f"pickled {quant.STORAGES[storage]} ExpertWeights: packed layout {layout} of an earlier "
+                         f"kt_functional, this one reads layout {PACKED_LAYOUT}; make them again from the checkpoint "
+                         "(ExpertWeights.from_quantized) or the float weights")
     return ExpertWeights(_core.restore_quantized(E, H, I, storage, scale_type, gate_up, down), E, H, I,
                          variant=variant, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
 
