@@ -223,20 +223,27 @@ void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel,
   }
 }
 
-void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
-                          int64_t nq, bf16* dst, int64_t dst_panel_stride) {
-  auto run = [&](const auto& format) { decode_format(format, src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride); };
+// fn(the format functor of src's storage).
+template <class F>
+void with_format(const QuantPanels& src, F&& fn) {
   switch (src.storage) {
     case Storage::int8:
-      return run(Int8Format{});
+      return fn(Int8Format{});
     case Storage::fp8_block:
-      return run(Fp8BlockFormat{});
+      return fn(Fp8BlockFormat{});
     case Storage::int4_group:
     case Storage::mxfp4:
-      return run(four_bit_format(src));
+      return fn(four_bit_format(src));
     default:
       return;
   }
+}
+
+void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
+                          int64_t nq, bf16* dst, int64_t dst_panel_stride) {
+  with_format(src, [&](const auto& format) {
+    decode_format(format, src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride);
+  });
 }
 
 
@@ -326,18 +333,7 @@ void gemm_codes_format(const Format& f, const QuantPanels& src, int64_t first_pa
 
 void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs, const bf16* A,
                        int64_t lda, int64_t rows, float* C, int64_t ldc) {
-  auto run = [&](const auto& format) { gemm_codes_format(format, src, first_panel, np, kpairs, A, lda, rows, C, ldc); };
-  switch (src.storage) {
-    case Storage::int8:
-      return run(Int8Format{});
-    case Storage::fp8_block:
-      return run(Fp8BlockFormat{});
-    case Storage::int4_group:
-    case Storage::mxfp4:
-      return run(four_bit_format(src));
-    default:
-      return;
-  }
+  with_format(src, [&](const auto& format) { gemm_codes_format(format, src, first_panel, np, kpairs, A, lda, rows, C, ldc); });
 }
 
 }  // namespace
