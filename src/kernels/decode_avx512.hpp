@@ -89,25 +89,26 @@ struct Int8Format {
 struct Fp8BlockFormat {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
   static constexpr int kStep = 1;
+  // codes() gives 2^8 times the values: the scales carry the 2^-8 back (exact).
   static __m512 column_scales(const uint8_t* s, int64_t group) {
-    return _mm512_set1_ps(reinterpret_cast<const float*>(s)[group]);
+    return _mm512_set1_ps(reinterpret_cast<const float*>(s)[group] * 0x1p-8f);
   }
   static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(reinterpret_cast<const float*>(s)[group] * 256.0f); }
   static int64_t scale_bytes(int64_t groups) { return groups * 4; }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
     fp8_row(panel + q * kRowBytes, 0x1p112f, lo, hi);
   }
-  // The bf16 bits of an e4m3 value (4 significant bits, exponents -9..8: all exact) straight from its
-  // code: sign and exponent | mantissa fields moved into place and the exponent rebiased (+120); a
-  // code with a zero exponent field (zero, subnormals) takes its value from a table instead.
+  // The bf16 bits of 2^8 times an e4m3 value (4 significant bits, exponents -9..8: all exact) straight
+  // from its code: sign and exponent | mantissa fields moved into place and the exponent rebiased by
+  // +128 (+120 would be the value itself), which sets one bit instead of adding; a code with a zero
+  // exponent field (zero, subnormals) takes its magnitude from a table instead.
   __m512i subnormals = (__m512i)_mm512_cvtne2ps_pbh(
-      _mm512_setzero_ps(), _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 7 * 0x1p-9f, 6 * 0x1p-9f, 5 * 0x1p-9f, 4 * 0x1p-9f,
-                                         3 * 0x1p-9f, 2 * 0x1p-9f, 0x1p-9f, 0.0f));
+      _mm512_setzero_ps(), _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 3.5f, 3.0f, 2.5f, 2.0f, 1.5f, 1.0f, 0.5f, 0.0f));
   void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {
     const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kRowBytes)));
     const __m512i moved = _mm512_slli_epi16(x, 4);  // sign (extended) in bit 15, exponent | mantissa in bits 10..4
-    const __m512i normal =
-        _mm512_add_epi16(_mm512_and_si512(moved, _mm512_set1_epi16(int16_t(0x87f0))), _mm512_set1_epi16(120 << 7));
+    const __m512i normal =  // (moved & 0x87f0) | 128 << 7
+        _mm512_ternarylogic_epi32(moved, _mm512_set1_epi16(int16_t(0x87f0)), _mm512_set1_epi16(0x4000), 0xea);
     const __mmask32 zero_exponent = _mm512_testn_epi16_mask(x, _mm512_set1_epi16(0x78));
     const __m512i magnitude = _mm512_mask_permutexvar_epi16(normal, zero_exponent, x, subnormals);  // index: mantissa
     row[0] = (__m512bh)_mm512_ternarylogic_epi32(magnitude, moved, _mm512_set1_epi16(int16_t(0x8000)), 0xf8);  // | sign
