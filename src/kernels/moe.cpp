@@ -474,8 +474,9 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
-      const bool chunked = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
-      const bf16* B = chunked ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
+      // A quantized expert with few rows makes no operand: forward_gemm streams its codes.
+      const bool streamed = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
+      const bf16* B = streamed ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
       const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
                                               2 * pairs, wk.tid())
                             : nullptr;
@@ -531,8 +532,8 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      const bool chunked = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
-      const bf16* B = chunked ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
+      const bool streamed = W.storage != Storage::bf16 && w.blocks.few_rows(slot);  // as in 3
+      const bf16* B = streamed ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       const bf16* LB =
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
