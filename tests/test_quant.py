@@ -84,10 +84,10 @@ def check_dequantized_reference(weights, prob, isa, where):
     return y, grads, gy, (gate, up, down)
 
 
-# ISA paths whose experts with at most FEW_ROWS rows multiply straight from the codes (kernels.hpp,
-# gemm_codes): a group's products of exact code values summed in fp32, then scaled.
+# ISA paths whose experts with at most CODES_ROWS[storage] rows in a forward multiply straight from the
+# codes (kernels.hpp, gemm_codes): a group's products of exact code values summed in fp32, then scaled.
 FROM_CODES = ("avx512", "amx")
-FEW_ROWS = 16
+CODES_ROWS = {"int8": 4, "fp8_block": 4, "int4_group": 16, "mxfp4": 16}
 
 
 def expert_rows(prob):
@@ -106,7 +106,7 @@ def test_forward_backward_match_reference(isa, storage, case):
     # them gives bitwise the same outputs (forward GEMMs and both transposed backward GEMMs). Experts
     # with few rows on ISAs with gemm_codes multiply by the unrounded values instead (see
     # test_forward_gemm_multiplies_by_code_times_scale).
-    if isa in FROM_CODES and min(expert_rows(prob)) <= FEW_ROWS:
+    if isa in FROM_CODES and min(expert_rows(prob)) <= CODES_ROWS[storage]:
         return
     twin = ktf().MoEState(ktf().ExpertWeights.from_tensors(gate, up, down), make_lora(prob), threads=2, isa=isa)
     y2, grads2 = fwd_bwd(twin, prob.x, prob.ids, prob.w, gy)
@@ -291,14 +291,12 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize("T", [1, 9, 40])
 def test_forward_gemm_multiplies_by_code_times_scale(isa, storage, T):
     """The gate/up GEMM alone (moe_gate_up_forward, no LoRA: fp32 pre-activations straight from the
-    accumulators) against x . W in float64, at H with partial 128-blocks and 32-groups. Few-row experts
-    on FROM_CODES multiply by MATH.md's code * scale itself, so they agree with the exact W to fp32
-    accumulation error (~1e-7); elsewhere the operand is decoded to bf16(code * scale) = dequantize(),
-    and they agree with that to the same precision. The bf16 rounding of W alone moves the result by
-    ~1e-3, so each check tells the two apart."""
+    accumulators) against x . W in float64, at H with partial 128-blocks and 32-groups. On FROM_CODES an
+    expert with at most CODES_ROWS[storage] rows multiplies by MATH.md's code * scale itself, so its
+    slots agree with the exact W to fp32 accumulation error (~1e-7); every other expert (and every expert
+    elsewhere) multiplies by the decoded bf16(code * scale) = dequantize(), and agrees with that to the
+    same precision. The bf16 rounding of W alone moves a result by ~1e-3, so the check tells them apart."""
     prob = make_problem(E=5, H=200, I=72, k=3, T=T, r=4, unused_frac=0.1, seed=31 + T)
-    rows = expert_rows(prob)
-    assert (max(rows) <= FEW_ROWS) == (T < 40) and (min(rows) > FEW_ROWS) == (T == 40), rows
     gate, up, down = checkpoint(storage, prob)
     weights = ktf().ExpertWeights.from_quantized(storage, gate, up, down)
     exact = [ref.dequantize_checkpoint(storage, t, prob.H).double() for t in (gate, up)]
@@ -308,22 +306,28 @@ def test_forward_gemm_multiplies_by_code_times_scale(isa, storage, T):
     state = ktf().MoEState(weights, None, threads=2, isa=isa)
     out, _ = ops.moe_gate_up_forward(state, prob.x, prob.ids, prob.w, save_for_backward=False)
     x = prob.x.double()
+    rows = torch.bincount(prob.ids[prob.ids >= 0], minlength=prob.E)
+    from_codes = [isa in FROM_CODES and int(n) <= CODES_ROWS[storage] for n in rows]
+    if T == 1:
+        assert all(from_codes) == (isa in FROM_CODES)
+    if T == 40:
+        assert not any(from_codes), rows
 
-    def expected(gate_w, up_w):
+    def expected(codes_w, decoded_w):  # W per expert as the kernels (or the other path) multiply by it
         want = torch.zeros(out.shape, dtype=torch.float64)
         for t, j in (prob.ids >= 0).nonzero().tolist():
             e = int(prob.ids[t, j])
-            want[t, j] = torch.cat([gate_w[e] @ x[t], up_w[e] @ x[t]])
+            g, u = (codes_w if from_codes[e] else decoded_w)
+            want[t, j] = torch.cat([g[e] @ x[t], u[e] @ x[t]])
         return want
 
-    from_codes = isa in FROM_CODES and T < 40
-    want, other = (expected(*exact), expected(*rounded))[:: 1 if from_codes else -1]
+    want, other = expected(exact, rounded), expected(rounded, exact)
     err, err_other = rel_err(out.double(), want), rel_err(out.double(), other)
     # mxfp4's values (two significant bits times a power of two) are bf16 values: nothing to tell apart.
     distinct = storage != "mxfp4"
     assert distinct == any(not torch.equal(a, b) for a, b in zip(exact, rounded))
     assert err < 1e-5 and (err_other > 1e-4 or not distinct), (
-        f"[{isa}/{storage}/T={T}] {err:.2e} vs the other values {err_other:.2e}")
+        f"[{isa}/{storage}/T={T}] {err:.2e} vs the other values {err_other:.2e} (rows per expert {rows.tolist()})")
 
 
 def every_code_checkpoint(storage, E, out, inp, seed=0):
@@ -349,8 +353,9 @@ def every_code_checkpoint(storage, E, out, inp, seed=0):
 @pytest.mark.parametrize("storage", QUANTIZED)
 def test_every_code_value_reaches_the_gemm(isa, storage):
     """One-hot tokens read the GEMM's weights out one input column at a time (moe_gate_up_forward: fp32
-    outputs, no LoRA), so every code of the format is checked exactly: on every ISA path, in the few-row
-    GEMM (16 tokens per call) and in the decoded-operand one (64), against MATH.md's code * scale."""
+    outputs, no LoRA), so every code of the format is checked exactly: on every ISA path, in the GEMM
+    straight from the codes (4 tokens per call; 16 for the 4-bit formats), in the one on K chunks decoded
+    into L1 (16 tokens: 8-bit formats) and in the decoded-operand one (64), against MATH.md's code * scale."""
     E, I, H = 2, 64, 256
     gate, up = (every_code_checkpoint(storage, E, I, H, seed) for seed in (1, 2))
     down = every_code_checkpoint(storage, E, H, I, 3)
@@ -360,7 +365,7 @@ def test_every_code_value_reaches_the_gemm(isa, storage):
     from kt_functional import ops
 
     state = ktf().MoEState(weights, None, threads=2, isa=isa)
-    for T in (16, 64):
+    for T in (4, 16, 64):
         for e in range(E):
             for i0 in range(0, H, T):
                 x = torch.zeros(T, H, dtype=torch.bfloat16)

@@ -93,8 +93,8 @@ void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t 
 // C[rows][16*np] = A[rows][2*kpairs] x panels [first_panel, first_panel + np) of src, where every
 // code's value (exact in bf16) meets A in VDPBF16PS and a scale group's fp32 sums are then multiplied
 // by its scales: MATH.md's q * s without the bf16 rounding decode_panels applies to the product. For
-// experts with a few rows (the panels' codes are read again per 4 rows), where reading B bounds the
-// GEMM and a decoded copy would cost a store and a reload per pair-row.
+// experts with a few rows (the codes are read and turned into values again per 4 rows), where
+// reading B bounds the GEMM and a decoded copy would cost a store and a reload per pair-row.
 using GemmCodesFn = void (*)(const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs, const bf16* A,
                              int64_t lda, int64_t rows, float* C, int64_t ldc);
 

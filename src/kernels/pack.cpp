@@ -415,9 +415,17 @@ PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int
   return {buffer, nq * 2 * kPanelCols};
 }
 
+// Rows up to which gemm_codes beats decoding K chunks into L1 for the micro-kernel: gemm_codes turns
+// the codes into values again for every 4 rows, which costs a 4-bit code ~2 vector operations per
+// pair-row and an 8-bit one 5-6 (T=64 / T=128 forwards of the bench layer, same process: int8 and
+// fp8_block 6-10% faster with 4 here than with 16, int4_group 16-30% slower with 4).
+namespace {
+int64_t codes_rows_limit(Storage s) { return four_bit(s) ? 16 : 4; }
+}  // namespace
+
 bool PackedExperts::forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda,
                                        int64_t rows, float* C, int64_t ldc, const KernelSet& ks) const {
-  if (storage == Storage::bf16 || !ks.gemm_codes) return false;
+  if (storage == Storage::bf16 || !ks.gemm_codes || rows > codes_rows_limit(storage)) return false;
   ks.gemm_codes(quant_panels(g, e), p0, np, layout(g).Kp / 2, A, lda, rows, C, ldc);
   return true;
 }

@@ -108,7 +108,8 @@ class PackedExperts {
   OperandView forward_operand(Gemm g, int64_t e, int64_t p0, int64_t np, int64_t q0, int64_t nq, const KernelSet& ks,
                               bf16* buffer) const;
   // C[rows][16*np] = A x operand(g, e, p0, np) of a forward GEMM g straight from a quantized
-  // storage's codes (ks.gemm_codes); false (nothing done) for bf16 or where the ISA has no such kernel.
+  // storage's codes (ks.gemm_codes); false (nothing done) for bf16, where the ISA has no such kernel,
+  // or for more rows than that pays for in this storage (4-bit formats: 16, 8-bit: 4).
   bool forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda, int64_t rows, float* C,
                           int64_t ldc, const KernelSet& ks) const;
   // What operand(g, e, p0, np) reads when it transposes bf16 panels, as a stream to prefetch while
