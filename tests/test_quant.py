@@ -6,7 +6,7 @@
   (MATH.md tolerances); where the operands are decoded (experts with more than 16 rows, or ISAs
   without a kernel that multiplies straight from the codes) they are bitwise equal to a bf16 state
   packed from those same values (so the decoders hand the micro-kernels exactly what dequantize()
-  reports); experts with at most 16 rows on AVX-512 / AMX multiply by the unrounded code * scale;
+  reports); experts with few rows on AVX-512 / AMX (CODES_ROWS) multiply by the unrounded code * scale;
 - checkpoint layouts as their own libraries write them: compressed-tensors' pack-quantized; the
   FP8 and MXFP4 dequantization of transformers as a cross-check;
 - nbytes, errors, pickling, the torch adapter.
@@ -37,8 +37,9 @@ from helpers import (
 QUANTIZED = ("int8", "fp8_block", "int4_group", "mxfp4")
 
 # H, I not multiples of 128 or 32 (partial fp8 blocks and 4-bit groups); T = 1; idle experts; -1 slots.
-# An expert with at most 16 rows decodes its operand a K chunk at a time ("awkward", "T1_idle"), one
-# with more decodes it whole for all its rows ("wide": ~50 rows, "many_rows": ~100, two row blocks).
+# An expert with at most 16 rows multiplies from its codes (CODES_ROWS) or decodes its operand a K chunk
+# at a time ("awkward", "T1_idle"), one with more decodes it whole for all its rows ("wide": ~50 rows,
+# "many_rows": ~100, two row blocks).
 CASES = {
     "awkward": dict(E=5, H=200, I=72, k=3, T=23, r=3, unused_frac=0.2, all_unused_tokens=(4,)),
     "T1_idle": dict(E=6, H=136, I=40, k=2, T=1, r=4),
