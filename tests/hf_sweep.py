@@ -258,20 +258,21 @@ def run(model, ids: torch.Tensor, routes: list | None = None, seed: int = 0):
     return y.detach(), grads[0].grad, recorded, calls
 
 
-def layer_errors(patched_calls, twin_calls, seed: int = 0) -> list[tuple[float, float]]:
-    """(rel. error of y, of dx) of each patched experts call against the twin's module on the same inputs."""
+def layer_errors(patched_calls, twin_calls, seed: int = 0) -> list[tuple[float, float, float]]:
+    """(rel. error of y, of dx, of the routing weights' gradient dw) of each patched experts call against the
+    twin's module on the same inputs."""
     out = []
     gen = torch.Generator().manual_seed(seed)
     for (module, x, ids, w), (twin, *_) in zip(patched_calls, twin_calls):
         gy = torch.randn(x.shape, generator=gen)
         results = []
         for m in (module, twin):
-            xl = x.clone().requires_grad_(True)
-            y = m(xl, ids, w)
+            xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            y = m(xl, ids, wl)
             (y * gy.to(y.dtype)).sum().backward()
-            results.append((y.detach(), xl.grad))
-        (y, dx), (y_ref, dx_ref) = results
-        out.append((_rel(y, y_ref), _rel(dx, dx_ref)))
+            results.append((y.detach(), xl.grad, wl.grad))
+        (y, dx, dw), (y_ref, dx_ref, dw_ref) = results
+        out.append((_rel(y, y_ref), _rel(dx, dx_ref), _rel(dw, dw_ref)))
     return out
 
 

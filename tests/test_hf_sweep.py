@@ -67,12 +67,14 @@ def test_architecture(family, module, experts):
     if not torch.isfinite(y_ref).all():  # seen once for the Omni talker: its own code read garbage memory
         pytest.skip(f"{experts}: the unpatched model's output is not finite for this input")
     layers = layer_errors(calls, twin_calls)
-    assert max(max(e) for e in layers) <= TOL, layers  # each experts call, the same inputs: y and dx
+    # each experts call, the same inputs: y, dx and the routing weights' gradient dw
+    assert max(max(e) for e in layers) <= TOL, layers
     assert rel_err(y, y_ref) <= TOL, rel_err(y, y_ref)
-    if experts in ILL_CONDITIONED:  # see ILL_CONDITIONED
-        assert rel_err(g, g_ref) <= 2 * output_noise_sensitivity(twin, ids, routes), rel_err(g, g_ref)
-    else:
-        assert rel_err(g, g_ref) <= TOL, rel_err(g, g_ref)
+    bound = 2 * output_noise_sensitivity(twin, ids, routes) if experts in ILL_CONDITIONED else TOL
+    if rel_err(g, g_ref) > bound:  # says whether a rerun of the patched model on the same inputs repeats it
+        again = rel_err(run(model, ids, routes)[1], g_ref)
+        pytest.fail(f"{experts}: input-embedding gradient rel. error {rel_err(g, g_ref):.3g} > {bound:.3g} (a rerun "
+                    f"of the patched model: {again:.3g}); each experts call's y, dx, dw errors: {layers}")
 
 
 def output_noise_sensitivity(twin, ids, routes) -> float:
