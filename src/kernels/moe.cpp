@@ -420,6 +420,12 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     Workspace& w = *ws;
     float* scratch = w.scratch.data() + wk.tid() * w.scratch_per_thread;
     bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
+    // The B operand of a task of 3 or 5 (panels [p0, p0 + np) of forward GEMM g), made once for all of the
+    // expert's rows; none (null) where a quantized expert with few rows streams its codes (forward_gemm).
+    auto task_operand = [&](Gemm g, int64_t slot, int64_t p0, int64_t np) -> const bf16* {
+      if (W.storage != Storage::bf16 && w.blocks.few_rows(slot)) return nullptr;
+      return W.operand(g, plan.active[slot], p0, np, ks, operand);
+    };
 
     // 1. Pack A (gather each expert's tokens, or for the down part its routes' h), prepare the active
     //    experts' LoRA, cache x (or h).
@@ -474,9 +480,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t slot = task / i_chunks;
       const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
       const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
-      // A quantized expert with few rows makes no operand: forward_gemm streams its codes.
-      const bool streamed = W.storage != Storage::bf16 && w.blocks.few_rows(slot);
-      const bf16* B = streamed ? nullptr : W.operand(Gemm::gate_up, plan.active[slot], 2 * j0, 2 * pairs, ks, operand);
+      const bf16* B = task_operand(Gemm::gate_up, slot, 2 * j0, 2 * pairs);
       const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
                                               2 * pairs, wk.tid())
                             : nullptr;
@@ -532,8 +536,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
       const PanelLayout& L = W.layout(Gemm::down);
       const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-      const bool streamed = W.storage != Storage::bf16 && w.blocks.few_rows(slot);  // as in 3
-      const bf16* B = streamed ? nullptr : W.operand(Gemm::down, plan.active[slot], p0, np, ks, operand);
+      const bf16* B = task_operand(Gemm::down, slot, p0, np);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       const bf16* LB =
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;

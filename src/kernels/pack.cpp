@@ -75,6 +75,12 @@ constexpr int64_t kDecodeChunk = 16;  // source panels decoded at a time for a t
 
 constexpr bool four_bit(Storage s) { return s == Storage::int4_group || s == Storage::mxfp4; }
 
+// Rows up to which gemm_codes beats decoding K chunks into L1 for the micro-kernel: gemm_codes turns
+// the codes into values again for every 4 rows, which costs a 4-bit code ~2 vector operations per
+// pair-row and an 8-bit one 5-6 (T=64 / T=128 forwards of the bench layer, same process: int8 and
+// fp8_block 6-10% faster with 4 here than with 16, int4_group 16-30% slower with 4).
+int64_t codes_rows_limit(Storage s) { return four_bit(s) ? 16 : 4; }
+
 // Bytes of one panel's codes and scales (QuantPanels) for Kp rows.
 int64_t code_bytes(Storage s, int64_t Kp) { return Kp * kPanelCols / (four_bit(s) ? 2 : 1); }
 int64_t scale_bytes(Storage s, ScaleType t, int64_t Kp) {
@@ -414,14 +420,6 @@ PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int
   ks.decode_panels(quant_panels(g, e), p0, 1, np, q0, nq, buffer, nq * 2 * kPanelCols);
   return {buffer, nq * 2 * kPanelCols};
 }
-
-// Rows up to which gemm_codes beats decoding K chunks into L1 for the micro-kernel: gemm_codes turns
-// the codes into values again for every 4 rows, which costs a 4-bit code ~2 vector operations per
-// pair-row and an 8-bit one 5-6 (T=64 / T=128 forwards of the bench layer, same process: int8 and
-// fp8_block 6-10% faster with 4 here than with 16, int4_group 16-30% slower with 4).
-namespace {
-int64_t codes_rows_limit(Storage s) { return four_bit(s) ? 16 : 4; }
-}  // namespace
 
 bool PackedExperts::forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda,
                                        int64_t rows, float* C, int64_t ldc, const KernelSet& ks) const {
