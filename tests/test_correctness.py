@@ -39,6 +39,9 @@ CASES = {
     "unused_slots": dict(E=6, H=72, I=40, k=3, T=23, r=3, unused_frac=0.35, all_unused_tokens=(0, 5, 22)),
     "many_tokens_per_expert": dict(E=2, H=136, I=104, k=2, T=300, r=5),
     "rank1": dict(E=5, H=72, I=40, k=3, T=29, r=1),
+    # experts with few rows run their LoRA in fp32 off the micro-kernel, ranks over one 16-wide block
+    "few_rows_rank16": dict(E=8, H=80, I=48, k=4, T=6, r=16),
+    "few_rows_rank20": dict(E=6, H=72, I=40, k=2, T=9, r=20),
 }
 
 

@@ -1,6 +1,7 @@
-"""The per-call LoRA packer of each ISA path (pack.hpp's pack_panels with lo parts: the AVX-512 one on the
-avx512 and amx paths, the portable loop elsewhere) against an independent numpy model of the VNNI panel
-layout and of the hi / lo split, bitwise, at awkward shapes and values (denormals, NaN, infinities)."""
+"""The per-call LoRA kernels of each ISA path (the AVX-512 ones on the avx512 and amx paths, the portable loops
+elsewhere): the packer (pack.hpp's pack_panels with lo parts) against an independent numpy model of the VNNI
+panel layout and of the hi / lo split, bitwise, at awkward shapes and values (denormals, NaN, infinities); the
+fp32 expand of experts with few rows (kernels.hpp's expand_f32) against float64."""
 
 from __future__ import annotations
 
@@ -70,3 +71,25 @@ def test_lora_packer_matches_layout_model(isa, transpose, K, N, k_offset, step):
     ktf()._core.pack_panels_f32(isa, src.ctypes.data, sk, sn, K, N, Kp, k_offset, step, got.ctypes.data, lo_delta)
     bad = np.flatnonzero(got != want)
     assert bad.size == 0, f"[{isa}] {bad.size} elements differ, first at {bad[:5]}: got {got[bad[:5]]}, want {want[bad[:5]]}"
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])
+@pytest.mark.parametrize("rows, K, N", [(1, 16, 16), (2, 16, 768), (3, 3, 29), (16, 20, 45), (5, 40, 1), (1, 1, 33)])
+def test_lora_expand_f32_matches_float64(isa, transpose, rows, K, N):
+    """C += coef x S in fp32 for every (row, column), S read as the LoRA matrices lie (k contiguous: a B
+    [out][rank]; n contiguous: an A [rank][in]); columns past N untouched."""
+    rng = np.random.default_rng(rows * 10000 + K * 100 + N)
+    S = rng.standard_normal((K, N)).astype(np.float32)
+    src = np.ascontiguousarray(S.T) if transpose else np.ascontiguousarray(S)
+    sk, sn = (1, K) if transpose else (N, 1)
+    ldcoef, ldc = K + 3, N + 5
+    coef = rng.standard_normal((rows, ldcoef)).astype(np.float32)
+    C = rng.standard_normal((rows, ldc)).astype(np.float32)
+    want = C.astype(np.float64)
+    want[:, :N] += coef[:, :K].astype(np.float64) @ S.astype(np.float64)
+    ktf()._core.expand_f32(isa, coef.ctypes.data, ldcoef, rows, src.ctypes.data, sk, sn, K, N, C.ctypes.data, ldc)
+    bound = 4 * (K + 1) * np.finfo(np.float32).eps * (np.abs(C[:, :N]).astype(np.float64) +
+                                                      np.abs(coef[:, :K]) @ np.abs(S).astype(np.float64))
+    assert np.all(C[:, N:] == want[:, N:]), f"[{isa}] columns past N were written"
+    err = np.abs(C[:, :N] - want[:, :N])
+    assert np.all(err <= bound), f"[{isa}] max error {err.max():.3g} over the fp32 bound"

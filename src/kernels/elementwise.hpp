@@ -244,6 +244,29 @@ void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64
   }
 }
 
+// (The AVX-512 kernel sets use their own, pack_avx512.hpp.)
+[[maybe_unused]] void expand_f32(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk,
+                                 int64_t sn, int64_t K, int64_t N, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* a = coef + m * ldcoef;
+    float* c = C + m * ldc;
+    if (sn == 1) {  // row k of S is contiguous along n: a row update per k
+      for (int64_t k = 0; k < K; ++k) {
+        const float ak = a[k];
+        const float* row = S + k * sk;
+        for (int64_t n = 0; n < N; ++n) c[n] += ak * row[n];
+      }
+      continue;
+    }
+    for (int64_t n = 0; n < N; ++n) {  // column n of S is contiguous along k: a dot product
+      const float* col = S + n * sn;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += a[k] * col[k];
+      c[n] += acc;
+    }
+  }
+}
+
 void to_bf16_row(const float* src, int64_t n, bf16* dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] = to_bf16(src[c]);
 }
@@ -259,7 +282,8 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
-                                   DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, PackPanelsFn pack_panels) {
+                                   DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, PackPanelsFn pack_panels,
+                                   ExpandF32Fn expand) {
   return KernelSet{isa,
                    mr,
                    row_multiple,
@@ -278,6 +302,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                      gate_backward<Relu, true>, gate_backward<Relu2, true>}},
                    rank_update,
                    project_f32,
+                   expand,
                    to_bf16_row,
                    weighted_sum};
 }

@@ -46,6 +46,9 @@ using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B,
 struct MatrixView;
 using PackPanelsFn = void (*)(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
                               int64_t panel_step, bf16* dst, int64_t lo_delta);
+// KernelSet::expand_f32.
+using ExpandF32Fn = void (*)(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
+                             int64_t K, int64_t N, float* C, int64_t ldc);
 
 // Operand maker of the backward GEMMs: the transpose of a packed operand S (src_panels panels of
 // 16 columns, consecutive panels src_panel_distance elements apart) restricted to its rows
@@ -155,6 +158,9 @@ struct KernelSet {
   // so reading the fp32 matrix straight beats packing it (and keeps it whole, not split in two parts).
   void (*project_f32)(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
                       int64_t N, float* C, int64_t ldc);
+  // C[m][n] += sum_k coef[m][k] * S(k, n) in fp32, S as in project_f32; a fixed order. The LoRA expands
+  // of an expert with few rows (the coefficients in fp32, not rounded to bf16).
+  ExpandF32Fn expand_f32;
   // dst = bf16(src)
   void (*to_bf16_row)(const float* src, int64_t n, bf16* dst);
   // out = sum_j weights[j] * rows[j] (out is zero when count == 0); weights may be null (all 1).

@@ -77,8 +77,13 @@ void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, co
 // more K rows [W, 2W), W = the project's width N rounded to 16, and the expand's A operand holds
 // the coefficients twice. For r <= 8 the down side's expand still takes one AMX K step.
 // An expert with many rows has its operands packed once per call (prepare) and shared by its row
-// blocks; one with a single row block gets each operand packed by the task that uses it (operand);
-// one with at most kFewRows rows runs its projects in fp32 straight from the matrices (project_direct).
+// blocks; one with a single row block gets each operand packed by the task that uses it (operand).
+// With fp32 matrices, an expert with at most kFewRows rows ("direct") packs none: its LoRA runs in fp32
+// straight from the matrices, each read once, in one pass per project: the project (project_direct),
+// then the whole expand (expand_direct) into rows of fp32 results that the base GEMM's tasks add to their
+// accumulators. (Expanding per task read a few KiB of each B at a time, latency-bound: in a T=16 forward
+// the expands read their 17.5 MB at ~14 GB/s, a sixth of an int4_group call.)
+// The packed expands' A operands (bf16 coefficients per padded row) live here too.
 class LoraPanels {
  public:
   enum Which { kProjectGateUp, kExpandGateUp, kProjectDown, kExpandDown, kCount };
@@ -104,10 +109,21 @@ class LoraPanels {
       expand(kExpandDown, r, I);
     }
     for (int w = 0; w < kCount; ++w) offset_[w + 1] = offset_[w] + layouts_[w].elements();
-    int64_t shared = 0;  // slots for the experts whose row blocks share one packing
-    for (int64_t slot = 0; slot < blocks.experts(); ++slot)
+    int64_t shared = 0;       // slots for the experts whose row blocks share one packing
+    int64_t direct_rows = 0;  // rows of the direct slots' expand results
+    for (int64_t slot = 0; slot < blocks.experts(); ++slot) {
       shared_index_.push_back(blocks.single(slot) ? -1 : shared++);
+      const bool direct = split_ && blocks.few_rows(slot);
+      direct_row_.push_back(direct ? direct_rows : -1);
+      if (direct) direct_rows += blocks[blocks.first[slot]].rows;
+    }
     data_ = Buffer<bf16>(size_t(offset_[kCount] * shared), Memory::workspace);
+    int64_t M = 0;  // padded rows
+    for (int64_t i = 0; i < blocks.size(); ++i) M = std::max(M, blocks[i].prow + blocks[i].rows);
+    for (Which x : {kExpandGateUp, kExpandDown}) {
+      packed_coef_[x] = Buffer<bf16>(size_t(M * layouts_[x].Kp), Memory::workspace);
+      direct_out_[x] = Buffer<float>(size_t(direct_rows * direct_ld(x)), Memory::workspace);
+    }
     buffer_elements_ = std::max({layouts_[kProjectGateUp].elements(), layouts_[kProjectDown].elements(),
                                  kPanelsPerBlock * layouts_[kExpandGateUp].panel_stride(),
                                  kPanelsPerBlock * layouts_[kExpandDown].panel_stride()});
@@ -121,6 +137,17 @@ class LoraPanels {
   bool split() const { return split_; }
   const PanelLayout& layout(Which w) const { return layouts_[w]; }
 
+  // Whether active slot `slot` runs its LoRA straight from the fp32 matrices.
+  bool direct(int64_t slot) const { return direct_row_[slot] >= 0; }
+  // A packed expand's coefficient rows from padded row prow (ld: the layout's Kp).
+  bf16* packed_coef(Which which, int64_t prow) { return packed_coef_[which].data() + prow * layouts_[which].Kp; }
+  // A direct slot's results of expand `which`: a row per padded row of the expert, its columns those of
+  // the operand's panels (gate's and up's alternate), ld direct_ld.
+  float* direct_out(Which which, int64_t slot) {
+    return direct_out_[which].data() + direct_row_[slot] * direct_ld(which);
+  }
+  int64_t direct_ld(Which which) const { return layouts_[which].panels * kPanelCols; }
+
   // Packs all operands of active slot `slot` (expert e) if its row blocks share them (more than one);
   // slots are independent (one task each).
   void prepare(const KernelSet& ks, int64_t slot, int64_t e) {
@@ -132,10 +159,11 @@ class LoraPanels {
 
   // Panels [p0, p0 + np) (np <= kPanelsPerBlock for an expand) of operand `which` of active slot
   // `slot` (expert e), panel stride as the layout's: in its shared packing (prepare), else packed now
-  // into worker tid's buffer, valid until its next call. An expert with one row block uses each panel
-  // once, so its operands are packed by the task that uses them into a cache-sized buffer, instead of
-  // written to memory in a pass of their own and read back.
+  // into worker tid's buffer, valid until its next call; none (null) for a direct slot. An expert with
+  // one row block uses each panel once, so its operands are packed by the task that uses them into a
+  // cache-sized buffer, instead of written to memory in a pass of their own and read back.
   const bf16* operand(const KernelSet& ks, int64_t slot, int64_t e, Which which, int64_t p0, int64_t np, int tid) {
+    if (direct(slot)) return nullptr;
     const PanelLayout& l = layouts_[which];
     if (shared_index_[slot] >= 0)
       return data_.data() + shared_index_[slot] * offset_[kCount] + offset_[which] + p0 * l.panel_stride();
@@ -145,18 +173,29 @@ class LoraPanels {
     return buffer;
   }
 
-  // Whether project_direct can serve this LoRA (fp32 matrices).
-  bool direct() const { return split_; }
-
-  // A project of expert e with the fp32 matrices read straight (KernelSet::project_f32) instead of
-  // packed: v [rows][ldv] = A x the operand, its columns as the packed project's (gate's at [0, r),
-  // up's at [R, R + r)); columns between them are left as they are. For an expert with few rows.
+  // A project of a direct slot's expert e (KernelSet::project_f32): v [rows][ldv] = A x the operand, its
+  // columns as the packed project's (gate's at [0, r), up's at [R, R + r)); columns between them are
+  // left as they are.
   void project_direct(const KernelSet& ks, Which which, int64_t e, const bf16* A, int64_t lda, int64_t rows, float* v,
                       int64_t ldv) const {
     for_each_part(which, [&](const Part& p) {
       const float* S = static_cast<const float*>(p.t) + e * p.rows * p.cols;
       ks.project_f32(A + p.k_offset, lda, rows, S, p.transpose ? 1 : p.cols, p.transpose ? p.cols : 1, p.K, p.N,
                      v + p.first * kPanelCols, ldv);
+    });
+  }
+
+  // The whole expand of a direct slot's expert e (KernelSet::expand_f32): out [rows][direct_ld] += coef
+  // [rows][ldcoef] (fp32, at the packed expand's K positions) x the operand, a call per panel.
+  void expand_direct(const KernelSet& ks, Which which, int64_t e, const float* coef, int64_t ldcoef, int64_t rows,
+                     float* out) const {
+    for_each_part(which, [&](const Part& p) {
+      const float* S = static_cast<const float*>(p.t) + e * p.rows * p.cols;
+      const int64_t sk = p.transpose ? 1 : p.cols, sn = p.transpose ? p.cols : 1;
+      for (int64_t j = 0; j * kPanelCols < p.N; ++j)
+        ks.expand_f32(coef + p.k_offset, ldcoef, rows, S + j * kPanelCols * sn, sk, sn, p.K,
+                      std::min<int64_t>(kPanelCols, p.N - j * kPanelCols), out + (p.first + j * p.step) * kPanelCols,
+                      direct_ld(which));
     });
   }
 
@@ -222,6 +261,9 @@ class LoraPanels {
   int64_t offset_[kCount + 1] = {};
   Buffer<bf16> data_;
   std::vector<int64_t> shared_index_;  // per active slot: its packing in data_, or -1 (packed per task)
+  std::vector<int64_t> direct_row_;    // per active slot: its first row in direct_out_, or -1 (not direct)
+  Buffer<bf16> packed_coef_[kCount];   // of the two expands
+  Buffer<float> direct_out_[kCount];
   Buffer<bf16> buffers_;        // per worker: operands of unprepared slots
   int64_t buffer_elements_ = 0;
 };
@@ -232,18 +274,19 @@ LoraPanels::Which expand_of(LoraPanels::Which project) {
 
 // The project of row block `task` (worker tid): C = A [rows][K] x the project operand (scratch), then,
 // per row, the rank-r results v = C_hi + C_lo in fp32 -> dst0 (columns [0, r)) and dst1 (columns
-// [R, R + r), when not null) for the first `real` rows, and the expand's A operand bf16(scale * v) for
-// all rows into coef (ld = the expand's Kp), twice when the LoRA is split, zero K padding. An expert
-// with few rows gets v straight from the fp32 matrices (LoraPanels::project_direct).
+// [R, R + r), when not null) for the first `real` rows, and the expand's coefficients bf16(scale * v)
+// for all rows into lp (twice when the LoRA is split, zero K padding). A direct slot gets v straight from
+// the fp32 matrices and runs its whole expand here, on scale * v in fp32 (LoraPanels::direct_out).
 void lora_project(const KernelSet& ks, LoraPanels& lp, LoraPanels::Which which, const ExpertBlocks& blocks,
                   int64_t task, int tid, const bf16* A, int64_t lda, float* scratch, float* dst0, float* dst1,
-                  float scale, bf16* coef) {
+                  float scale) {
   const RowBlock& b = blocks[task];
   const int64_t slot = blocks.slot(task), rows = b.rows, real = b.real;
   const PanelLayout& l = lp.layout(which);
   const int64_t ldc = kPanelCols * l.panels, width = lp.width(which), r = lp.rank(), R = lp.rank_slot();
-  const int64_t ldcoef = lp.layout(expand_of(which)).Kp;
-  const bool direct = lp.direct() && blocks.few_rows(slot);
+  const LoraPanels::Which expand = expand_of(which);
+  const int64_t ldcoef = lp.layout(expand).Kp;
+  const bool direct = lp.direct(slot);
   if (direct) {
     for (int64_t i = 0; i < rows; ++i) std::fill(scratch + i * ldc, scratch + i * ldc + width, 0.0f);
     lp.project_direct(ks, which, b.e, A, lda, rows, scratch, ldc);
@@ -259,20 +302,36 @@ void lora_project(const KernelSet& ks, LoraPanels& lp, LoraPanels::Which which, 
       std::memcpy(dst0 + i * r, v, r * sizeof(float));
       if (dst1) std::memcpy(dst1 + i * r, v + R, r * sizeof(float));
     }
-    bf16* k = coef + i * ldcoef;
+    if (direct) {
+      for (int64_t j = 0; j < width; ++j) v[j] *= scale;
+      continue;
+    }
+    bf16* k = lp.packed_coef(expand, b.prow + i);
     for (int64_t j = 0; j < width; ++j) k[j] = f32_to_bf16(scale * v[j]);
     int64_t used = width;
     if (lp.split()) std::memcpy(k + width, k, width * sizeof(bf16)), used += width;
     std::fill(k + used, k + ldcoef, bf16(0));
   }
+  if (direct) {
+    float* out = lp.direct_out(expand, slot);
+    std::fill(out, out + rows * lp.direct_ld(expand), 0.0f);
+    lp.expand_direct(ks, expand, b.e, scratch, ldc, rows, out);
+  }
 }
 
-// The expand of a row block: C [rows][16 * np] += coef [rows][Kp] x the np panels of B (the operand's
-// panels of these columns).
-void lora_expand(const KernelSet& ks, const LoraPanels& lp, LoraPanels::Which which, const bf16* B, const bf16* coef,
-                 int64_t rows, int np, float* C, int64_t ldc) {
+// The expand of row block b (of active slot `slot`) into C [rows][16 * np]: its coefficients x the
+// operand's panels [p0, p0 + np), B (LoraPanels::operand: null for a direct slot).
+void lora_expand(const KernelSet& ks, LoraPanels& lp, LoraPanels::Which which, int64_t slot, const RowBlock& b,
+                 int64_t p0, int np, const bf16* B, float* C, int64_t ldc) {
+  if (lp.direct(slot)) {  // done in its project: add those columns
+    const float* out = lp.direct_out(which, slot) + p0 * kPanelCols;
+    const int64_t ld = lp.direct_ld(which), n = np * kPanelCols;
+    for (int64_t i = 0; i < b.rows; ++i)
+      for (int64_t c = 0; c < n; ++c) C[i * ldc + c] += out[i * ld + c];
+    return;
+  }
   const PanelLayout& l = lp.layout(which);
-  ks.gemm(coef, l.Kp, rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, true, nullptr);
+  ks.gemm(lp.packed_coef(which, b.prow), l.Kp, b.rows, B, l.panel_stride(), l.Kp / 2, np, C, ldc, true, nullptr);
 }
 
 // rows [0, real) of C (ldc) += bias [n] (nothing when bias is null).
@@ -377,7 +436,6 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
 
   struct Workspace {
     Buffer<bf16> xa, ha;            // A operands: gathered x, h (rows padded per expert)
-    Buffer<bf16> coef_gu, coef_d;   // A operands of the LoRA expands: s [a_g | a_u], s a_d
     Buffer<float> o, scratch;
     Buffer<bf16> operand;  // per worker: a decoded B operand of one (expert, column chunk), if the storage needs it
     ExpertBlocks blocks;
@@ -385,7 +443,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     int64_t scratch_per_thread, operand_per_thread;
   };
   auto ws =
-      std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
+      std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   if (part != Part::down) ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   if (part != Part::gate_up) ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
   if (part != Part::gate_up) ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
@@ -393,8 +451,6 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   int64_t lora_cols = 0;  // columns of the widest LoRA project
   if (lora) {
     ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, ws->blocks, false, threads);
-    ws->coef_gu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
-    ws->coef_d = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, H});
@@ -469,8 +525,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
         lora_project(ks, lp, LoraPanels::kProjectGateUp, w.blocks, task, wk.tid(), w.xa.data() + b.prow * Hp, Hp,
-                     scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s,
-                     w.coef_gu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
+                     scratch, c.ag.data() + b.route0 * r, c.au.data() + b.route0 * r, s);
       });
 
     // 3. Gate and up (+ s Bg a_g, s Bu a_u, + biases), then h = the variant's act(g) * u (or act(u))
@@ -488,9 +543,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
         forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), B, operand,
                      w.xa.data() + b.prow * Hp, Hp, b.rows, b.real, scratch, kColBlock);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
-          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
-                      w.coef_gu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows,
-                      int(2 * pairs), scratch, kColBlock);
+          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, 2 * j0, int(2 * pairs), LB, scratch, kColBlock);
         for (int64_t jj = 0; jj < pairs; ++jj) {
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
@@ -526,8 +579,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
         lora_project(ks, lp, LoraPanels::kProjectDown, w.blocks, task, wk.tid(), w.ha.data() + b.prow * Ip, Ip,
-                     scratch, c.ad.data() + b.route0 * r, nullptr, s,
-                     w.coef_d.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
+                     scratch, c.ad.data() + b.route0 * r, nullptr, s);
       });
 
     // 5. Down (+ s Bd a_d, + bias): one unweighted output row per route; tasks as in 3.
@@ -543,10 +595,7 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, b.real,
                      scratch, kColBlock);
-        if (lora)
-          lora_expand(ks, *w.lora, LoraPanels::kExpandDown, LB,
-                      w.coef_d.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, np, scratch,
-                      kColBlock);
+        if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandDown, slot, b, p0, np, LB, scratch, kColBlock);
         add_bias_rows(scratch, kColBlock, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
         for (int64_t i = 0; i < b.real; ++i)
           std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
@@ -590,7 +639,6 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
 
   struct Workspace {
     Buffer<bf16> gy, dgu, hb;        // A operands: gathered gy, [dg | du]; h for dAd
-    Buffer<bf16> coef_bd, coef_cgu;  // A operands of the LoRA expands: s b_d, s [c_g | c_u]
     Buffer<float> dwpart, dxr, bd, cg, cu, scratch;
     Buffer<bf16> operand;  // per worker: the B operand of one (expert, column chunk)
     ExpertBlocks blocks;
@@ -599,7 +647,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   };
   const int64_t routes = cache->plan.routes;
   auto ws = std::make_shared<Workspace>(
-      Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
+      Workspace{{}, {}, {}, {}, {}, {}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
   ws->gy = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   ws->dgu = Buffer<bf16>(size_t(M * 2 * Ip), Memory::workspace);
   ws->dwpart = Buffer<float>(size_t(routes * dw_parts), Memory::workspace);
@@ -612,8 +660,6 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     ws->cg = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->cu = Buffer<float>(size_t(routes * r), Memory::workspace);
     ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, ws->blocks, true, threads);
-    ws->coef_bd = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandDown).Kp), Memory::workspace);
-    ws->coef_cgu = Buffer<bf16>(size_t(M * ws->lora->layout(LoraPanels::kExpandGateUp).Kp), Memory::workspace);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
   ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, r * kGradCols, H});
@@ -684,8 +730,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
         lora_project(ks, lp, LoraPanels::kProjectDown, w.blocks, task, wk.tid(), w.gy.data() + b.prow * Hp, Hp,
-                     scratch, w.bd.data() + b.route0 * r, nullptr, s,
-                     w.coef_bd.data() + b.prow * lp.layout(LoraPanels::kExpandDown).Kp);
+                     scratch, w.bd.data() + b.route0 * r, nullptr, s);
       });
 
     // 3. dh_raw = Wd^T gy + s Ad^T b_d; epilogue: dw share, dg, du (and h for dAd). One task per
@@ -707,10 +752,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock, &ahead);
-        if (lora)
-          lora_expand(ks, *w.lora, LoraPanels::kExpandDown, LB,
-                      w.coef_bd.data() + b.prow * w.lora->layout(LoraPanels::kExpandDown).Kp, b.rows, np, scratch,
-                      kColBlock);
+        if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandDown, slot, b, p0, np, LB, scratch, kColBlock);
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
           if (part == Part::down) {
@@ -740,8 +782,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const RowBlock& b = w.blocks[task];
         LoraPanels& lp = *w.lora;
         lora_project(ks, lp, LoraPanels::kProjectGateUp, w.blocks, task, wk.tid(), w.dgu.data() + b.prow * ldd, ldd,
-                     scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s,
-                     w.coef_cgu.data() + b.prow * lp.layout(LoraPanels::kExpandGateUp).Kp);
+                     scratch, w.cg.data() + b.route0 * r, w.cu.data() + b.route0 * r, s);
       });
 
     // 5. dx rows = [dg | du] [Wg; Wu] + s (Ag^T c_g + Au^T c_u), and the six LoRA gradients.
@@ -764,10 +805,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
             lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, p0, np, wk.tid()) : nullptr;
         w.blocks.for_expert(slot, [&](const RowBlock& b) {
           gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock, &ahead);
-          if (lora)
-            lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, LB,
-                        w.coef_cgu.data() + b.prow * w.lora->layout(LoraPanels::kExpandGateUp).Kp, b.rows, np,
-                        scratch, kColBlock);
+          if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, p0, np, LB, scratch, kColBlock);
           for (int64_t i = 0; i < b.real; ++i)
             std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
         });

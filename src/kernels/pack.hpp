@@ -43,6 +43,9 @@ void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_
 // Test hook: pack_panels of ISA path isa's kernel set on an fp32 matrix (element (k, n) at src[k*sk + n*sn]).
 void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
                      int64_t k_offset, int64_t panel_step, bf16* dst, int64_t lo_delta);
+// Test hook: KernelSet::expand_f32 of ISA path isa.
+void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
+                int64_t K, int64_t N, float* C, int64_t ldc);
 
 // The GEMMs of the layer, each with its B operand (MATH.md):
 //   gate_up:   g|u  = x Wg^T | x Wu^T    K=H,    N=2*I16, gate and up panels interleaved

@@ -1,10 +1,12 @@
-// pack_panels for fp32 sources with their lo parts (the LoRA matrices, packed per call) with AVX-512
-// F/BW/BF16, where the portable loop was a third of a decode-time forward. Bitwise equal to pack_panels
-// (pack.cpp), whose hi and lo parts round as VCVTNE2PS2BF16. Whole pair-rows of sources whose k or n
-// is contiguous run here; anything else goes to the portable packer. Included only by files built with AVX-512 flags; internal linkage.
+// The fp32 LoRA matrices with AVX-512 F/BW/BF16. pack_panels for fp32 sources with their lo parts (packed
+// per call), where the portable loop was a third of a decode-time forward: bitwise equal to pack_panels
+// (pack.cpp), whose hi and lo parts round as VCVTNE2PS2BF16; whole pair-rows of sources whose k or n is
+// contiguous run here, anything else goes to the portable packer. expand_f32 (kernels.hpp), the direct
+// expands of experts with few rows. Included only by files built with AVX-512 flags; internal linkage.
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "pack.hpp"
@@ -104,6 +106,40 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
       transpose_16x16_epi32(hi);
       transpose_16x16_epi32(lo);
       for (int q = 0; q < nq; ++q) store(rows + (q0 + q) * 2 * kPanelCols, hi[q], lo[q]);
+    }
+  }
+}
+
+// 16 columns at a time: t[k] = S(k, n0 .. n0 + 15) in registers, then one broadcast FMA per (row, k).
+// Where k is contiguous per column (a LoRA B read as [out][rank]), 16 columns' k values are loaded as
+// rows of 16 and transposed.
+void expand_f32_avx512(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
+                       int64_t K, int64_t N, float* C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int cols = int(std::min<int64_t>(16, N - n0));
+    const __mmask16 mn = __mmask16((1u << cols) - 1);
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int kk = int(std::min<int64_t>(16, K - k0));
+      __m512i t[16];
+      if (sn == 1) {
+        for (int k = 0; k < kk; ++k) t[k] = _mm512_castps_si512(_mm512_maskz_loadu_ps(mn, S + (k0 + k) * sk + n0));
+      } else {  // sk == 1
+        const __mmask16 mk = __mmask16((1u << kk) - 1);
+        for (int n = 0; n < 16; ++n) {
+          // The columns 8 panels on (a call may run one panel: the next calls' columns): the loads of a
+          // panel all precede its transpose, so the hardware prefetcher alone leaves this latency-bound.
+          _mm_prefetch(reinterpret_cast<const char*>(S + (n0 + 128 + n) * sn + k0), _MM_HINT_T0);
+          t[n] = n < cols ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mk, S + (n0 + n) * sn + k0)) : _mm512_setzero_si512();
+        }
+        transpose_16x16_epi32(t);
+      }
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* a = coef + m * ldcoef + k0;
+        float* c = C + m * ldc + n0;
+        __m512 acc = _mm512_maskz_loadu_ps(mn, c);
+        for (int k = 0; k < kk; ++k) acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_castsi512_ps(t[k]), acc);
+        _mm512_mask_storeu_ps(c, mn, acc);
+      }
     }
   }
 }
