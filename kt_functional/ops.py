@@ -239,7 +239,7 @@ def moe_backward(state: MoEState, cache: MoECache, gy) -> Grads:
         for (part, lora_args, lora_tensors), core in zip(calls, cache._cores):
             dx = torch.empty(T, H, dtype=out_dtype)
             dw = torch.empty(T, k, dtype=torch.float32)
-            grads = [torch.zeros(t.shape, dtype=torch.float32) for t in lora_tensors]
+            grads = [torch.empty(t.shape, dtype=torch.float32) for t in lora_tensors]  # the job writes them all
             grad_ptrs = tuple(g.data_ptr() for g in grads) if grads else (0,) * 6
             # Consumes the partition's residuals atomically (ValueError if another thread got them first);
             # the running job holds them and frees them when done.

@@ -677,6 +677,14 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
   // columns (dAg, dAu, dBd), three span I (dBg, dBu, dAd).
   const int64_t gh = ceil_div(H, kGradCols), gi = ceil_div(I, kGradCols);
   const int64_t grad_tasks_per_expert = lora ? 3 * gh + 3 * gi : 0;
+  std::vector<int32_t> idle;  // experts without routes: their LoRA gradients are zeros
+  if (lora) {
+    std::vector<char> active(size_t(weights->E), 0);
+    for (int32_t e : cache->plan.active) active[size_t(e)] = 1;
+    for (int32_t e = 0; e < int32_t(weights->E); ++e)
+      if (!active[size_t(e)]) idle.push_back(e);
+  }
+  const int64_t n_idle = int64_t(idle.size());
 
   return std::make_shared<Job>([=](Worker& wk) mutable {
     const PackedExperts& W = *weights;
@@ -687,9 +695,20 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
     const int64_t ldd = 2 * Ip;  // dg | du
 
-    // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices. The
-    //    gate_up part gathers its given [dg | du] instead of gy.
-    wk.for_each(n_blocks + n_lora, [&](int64_t task) {
+    // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices, zero the
+    //    LoRA gradients of the experts without routes (of this part). The gate_up part gathers its
+    //    given [dg | du] instead of gy.
+    wk.for_each(n_blocks + n_lora + n_idle, [&](int64_t task) {
+      if (task >= n_blocks + n_lora) {
+        const int64_t e = idle[size_t(task - n_blocks - n_lora)];
+        auto clear = [&](float* G, int64_t size) { std::fill(G + e * size, G + (e + 1) * size, 0.0f); };
+        if (part != Part::down) {
+          for (float* G : {a.d_gate_a, a.d_up_a}) clear(G, r * H);
+          for (float* G : {a.d_gate_b, a.d_up_b}) clear(G, I * r);
+        }
+        if (part != Part::gate_up) clear(a.d_down_a, r * I), clear(a.d_down_b, H * r);
+        return;
+      }
       if (task >= n_blocks) {
         w.lora->prepare(ks, task - n_blocks, plan.active[task - n_blocks]);
         return;

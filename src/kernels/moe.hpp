@@ -68,8 +68,9 @@ struct BackwardArgs {
   float* dw;  // [T][k]
   LoraView lora;
   ExpertVariant variant;  // the forward's
-  // fp32 gradients in the LoRA tensors' shapes; experts without routes are left untouched
-  // (the caller zero-fills them). The down part writes the down ones, the gate_up part the others.
+  // fp32 gradients in the LoRA tensors' shapes, every element written (zeros for experts without
+  // routes): the caller need not clear them. The down part writes the down ones, the gate_up part the
+  // others.
   float *d_gate_a, *d_gate_b, *d_up_a, *d_up_b, *d_down_a, *d_down_b;
   float* dh_out = nullptr;        // down part: [T][k][I] fp32, dh = w dh_raw per slot (dx is not written)
   const bf16* dgu_in = nullptr;   // gate_up part: [T][k][2I] bf16, dg | du per slot (dw is not written)
