@@ -113,7 +113,8 @@ def expected_tile_ops(routes_per_expert, H, I, r, backward):
     the LoRA projects run per row block over all their panels (rank slots: gate [0, r), up [R, R+r)).
     fp32 LoRA is carried as bf16 hi + lo parts: a project of width N (rounded to 16) gets N more
     columns, an expand N more K rows; an expert with at most 16 routes runs its projects and expands in
-    fp32 off the tiles (read straight from the LoRA matrices)."""
+    fp32 off the tiles (read straight from the LoRA matrices), and its backward GEMMs off the tiles too
+    (AVX-512 BF16 on the forward panels' transpose)."""
     Hp, Ip, Hpan, Ipan = _ceil(H, 32) * 32, _ceil(I, 32) * 32, _ceil(H, 16), _ceil(I, 16)
     R = _ceil(r, 16) * 16
     n = dict(dot_products=0, loads_a=0, loads_b=0, loads_c=0, zeros=0, stores_c=0, useful=0)
@@ -132,20 +133,22 @@ def expected_tile_ops(routes_per_expert, H, I, r, backward):
 
     W_gu, W_d = 2 * _ceil(R + r, 16) * 16, 2 * _ceil(r, 16) * 16  # hi and lo parts
     # (base K, panels, panels per chunk, LoRA expand K, LoRA project (K, N) before it or None)
-    gemms = [(Hp, 2 * Ipan, 6, W_gu, (Hp, W_gu)), (Ip, Hpan, 6, W_d, (Ip, W_d))]
+    # (..., whether it is a backward GEMM)
+    gemms = [(Hp, 2 * Ipan, 6, W_gu, (Hp, W_gu), False), (Ip, Hpan, 6, W_d, (Ip, W_d), False)]
     if backward:
-        gemms += [(Hp, Ipan, 6, W_d, (Hp, W_d)), (2 * Ip, Hpan, 6, W_gu, (2 * Ip, W_gu))]
+        gemms += [(Hp, Ipan, 6, W_d, (Hp, W_d), True), (2 * Ip, Hpan, 6, W_gu, (2 * Ip, W_gu), True)]
     for routes in routes_per_expert:
         if routes == 0:
             continue
         rows = _ceil(routes, 16) * 16
-        for K, panels, chunk, expand_k, (project_k, project_n) in gemms:
+        for K, panels, chunk, expand_k, (project_k, project_n), is_backward in gemms:
             for r0 in range(0, rows, 64):
                 block_rows = min(64, rows - r0)
                 if routes > 16:
                     gemm(block_rows, _ceil(project_n, 16), project_k, False)
                 for p0 in range(0, panels, chunk):
-                    gemm(block_rows, min(chunk, panels - p0), K, False)
+                    if routes > 16 or not is_backward:
+                        gemm(block_rows, min(chunk, panels - p0), K, False)
                     if routes > 16:
                         gemm(block_rows, min(chunk, panels - p0), expand_k, True)
         n["useful"] += routes * 3 * H * I * (2 if backward else 1)
@@ -173,9 +176,9 @@ def test_tile_operations_pinned():
         assert (counts["loads_a"] + counts["loads_b"]) / counts["dot_products"] <= 1.5
     # The figures themselves (routes per expert 21, 20, 0, 18, 15: rows padded to 32, 32, 32, 16;
     # LoRA r=4 included: its projects and expands are tile GEMMs too, but for the 15-route expert's,
-    # run in fp32 off the tiles).
+    # run in fp32 off the tiles, as are its backward GEMMs).
     assert routes == [21, 20, 0, 18, 15]
-    assert (both["dot_products"], both["loads_a"], both["loads_b"], both["loads_c"]) == (807, 447, 432, 114), both
+    assert (both["dot_products"], both["loads_a"], both["loads_b"], both["loads_c"]) == (778, 429, 403, 114), both
     assert expected_tile_ops(routes, prob.H, prob.I, prob.r, True)["useful"] == 208.125
 
 

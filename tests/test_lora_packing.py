@@ -1,7 +1,8 @@
-"""The per-call LoRA kernels of each ISA path (the AVX-512 ones on the avx512 and amx paths, the portable loops
-elsewhere): the packer (pack.hpp's pack_panels with lo parts) against an independent numpy model of the VNNI
-panel layout and of the hi / lo split, bitwise, at awkward shapes and values (denormals, NaN, infinities); the
-fp32 expand of experts with few rows (kernels.hpp's expand_f32) against float64."""
+"""The kernels of experts with few rows and of the per-call LoRA, on each ISA path (the AVX-512 ones on the avx512
+and amx paths, the portable loops elsewhere): the LoRA packer (pack.hpp's pack_panels with lo parts) against an
+independent numpy model of the VNNI panel layout and of the hi / lo split, bitwise, at awkward shapes and values
+(denormals, NaN, infinities); the fp32 LoRA expand (kernels.hpp's expand_f32) and the backward GEMM on the forward
+panels' transpose (gemm_t) against float64."""
 
 from __future__ import annotations
 
@@ -92,4 +93,27 @@ def test_lora_expand_f32_matches_float64(isa, transpose, rows, K, N):
                                                       np.abs(coef[:, :K]) @ np.abs(S).astype(np.float64))
     assert np.all(C[:, N:] == want[:, N:]), f"[{isa}] columns past N were written"
     err = np.abs(C[:, :N] - want[:, :N])
+    assert np.all(err <= bound), f"[{isa}] max error {err.max():.3g} over the fp32 bound"
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("rows, np_, nq", [(1, 1, 8), (2, 3, 16), (3, 128, 48), (4, 5, 8), (7, 9, 24), (16, 2, 8)])
+def test_gemm_t_matches_float64(isa, accumulate, rows, np_, nq):
+    """C[m][2q + t] (+)= sum_p sum_j A[m][16p + j] B[p][q][j][t] for pair-rows q < nq of np panels (panel stride
+    past the pair-rows read), bf16 inputs, only C's first 2 nq columns written."""
+    rng = np.random.default_rng(rows * 1000 + np_ * 10 + nq)
+    lda, stride, ldc = 16 * np_ + 8, (nq + 3) * 2 * PANEL, 2 * nq + 5
+    A = bf16_bits(rng.standard_normal((rows, lda)).astype(np.float32))
+    B = bf16_bits(rng.standard_normal(np_ * stride).astype(np.float32))
+    C = rng.standard_normal((rows, ldc)).astype(np.float32)
+    a = bf16_values(A)[:, : 16 * np_].astype(np.float64).reshape(rows, np_, PANEL)
+    b = bf16_values(B).astype(np.float64).reshape(np_, stride)[:, : nq * 2 * PANEL].reshape(np_, nq, PANEL, 2)
+    want = C.astype(np.float64)
+    prod = np.einsum("mpj,pqjt->mqt", a, b).reshape(rows, 2 * nq)
+    want[:, : 2 * nq] = (want[:, : 2 * nq] if accumulate else 0) + prod
+    magnitude = np.einsum("mpj,pqjt->mqt", np.abs(a), np.abs(b)).reshape(rows, 2 * nq)
+    bound = 4 * (16 * np_ + 1) * np.finfo(np.float32).eps * ((np.abs(C[:, : 2 * nq]) if accumulate else 0) + magnitude)
+    ktf()._core.gemm_t(isa, A.ctypes.data, lda, rows, B.ctypes.data, stride, np_, nq, C.ctypes.data, ldc, accumulate)
+    assert np.all(C[:, 2 * nq:] == want[:, 2 * nq:]), f"[{isa}] columns past 2 nq were written"
+    err = np.abs(C[:, : 2 * nq] - want[:, : 2 * nq])
     assert np.all(err <= bound), f"[{isa}] max error {err.max():.3g} over the fp32 bound"

@@ -244,6 +244,29 @@ void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64
   }
 }
 
+// gemm_t (kernels.hpp): lane j of the 16 columns of a panel summed over the panels, then the lanes in order.
+// (The AVX-512 kernel sets use their own, transpose_avx512.hpp.)
+[[maybe_unused]] void gemm_t(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride,
+                             int64_t np, int64_t nq, float* C, int64_t ldc, bool accumulate, bool) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t q = 0; q < nq; ++q) {
+      float sums[2][kPanelCols] = {};
+      for (int64_t p = 0; p < np; ++p) {
+        const bf16* a = A + m * lda + p * kPanelCols;
+        const bf16* b = B + p * panel_stride + q * 2 * kPanelCols;
+        for (int j = 0; j < kPanelCols; ++j) {
+          sums[0][j] += to_f32(a[j]) * to_f32(b[2 * j]);
+          sums[1][j] += to_f32(a[j]) * to_f32(b[2 * j + 1]);
+        }
+      }
+      for (int t = 0; t < 2; ++t) {
+        float s = 0.0f;
+        for (int j = 0; j < kPanelCols; ++j) s += sums[t][j];
+        C[m * ldc + 2 * q + t] = accumulate ? C[m * ldc + 2 * q + t] + s : s;
+      }
+    }
+}
+
 // (The AVX-512 kernel sets use their own, pack_avx512.hpp.)
 [[maybe_unused]] void expand_f32(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk,
                                  int64_t sn, int64_t K, int64_t N, float* C, int64_t ldc) {
@@ -282,8 +305,8 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
-                                   DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, PackPanelsFn pack_panels,
-                                   ExpandF32Fn expand) {
+                                   DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, GemmTFn gemm_t,
+                                   PackPanelsFn pack_panels, ExpandF32Fn expand) {
   return KernelSet{isa,
                    mr,
                    row_multiple,
@@ -291,6 +314,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                    transpose_panels,
                    decode_panels,
                    gemm_codes,
+                   gemm_t,
                    pack_panels,
                    {{gate_forward<Swish, false>, gate_forward<Gelu, false>, gate_forward<GeluTanh, false>,
                      gate_forward<Relu, false>, gate_forward<Relu2, false>},

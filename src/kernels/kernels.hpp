@@ -101,6 +101,14 @@ void decode_panels_generic(const QuantPanels& src, int64_t first_panel, int64_t 
 using GemmCodesFn = void (*)(const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs, const bf16* A,
                              int64_t lda, int64_t rows, float* C, int64_t ldc);
 
+// A backward GEMM of an expert with few rows, multiplied by the transpose of its forward panels instead
+// of by a transposed operand: C[m][2q + t] (+)= sum over panels p < np and columns j < 16 of
+// A[m*lda + 16p + j] * B[p*panel_stride + 32q + 2j + t], for q < nq (a multiple of 8: whole panels of C)
+// and t < 2; B points at the first pair-row wanted of panel 0. A's row m is read up to 16 np. `stream`: B
+// comes from memory (not a decoded buffer in cache), so a kernel may ask for what it reads next.
+using GemmTFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
+                         int64_t nq, float* C, int64_t ldc, bool accumulate, bool stream);
+
 // The expert variants of MATH.md ("Expert variants"): the activation, whether a gate multiplies it,
 // gpt-oss / DeepSeek-V4 clamps and up offset, and frozen biases. Chosen once per call: the
 // macro-kernels pick the epilogue instantiated for (gated, activation) from the KernelSet.
@@ -142,6 +150,7 @@ struct KernelSet {
   TransposePanelsFn transpose_panels;
   DecodePanelsFn decode_panels;
   GemmCodesFn gemm_codes;  // null: few-row quantized GEMMs decode K chunks with decode_panels instead
+  GemmTFn gemm_t;
   PackPanelsFn pack_panels;
   // Epilogues per [gated][activation], one template instantiated per entry (elementwise.hpp).
   GateForwardFn gate_forward[2][kActivations];

@@ -372,6 +372,19 @@ void forward_gemm(const KernelSet& ks, const PackedExperts& W, Gemm g, int64_t e
   }
 }
 
+// C[rows][16*np] = A x panels [p0, p0 + np) of expert e's backward GEMM g: B the operand made for the column
+// block (shared by the expert's row blocks), or null: an expert with few rows, whose `real` rows multiply by
+// the transpose of the forward panels instead (PackedExperts::backward_from_forward; padding rows get zeros).
+// Making the transposed operand of an expert with few rows cost more than the GEMM itself: a T=16 backward
+// of bf16 weights ran at half the speed of its forward.
+void backward_gemm(const KernelSet& ks, const PackedExperts& W, Gemm g, int64_t e, int64_t p0, int np, const bf16* B,
+                   bf16* buffer, const bf16* A, int64_t lda, int64_t rows, int64_t real, float* C, int64_t ldc,
+                   PrefetchStream* ahead) {
+  if (B) return gemm_rows(ks, A, lda, rows, B, W.layout(g), np, C, ldc, ahead);
+  W.backward_from_forward(g, e, p0, np, A, lda, real, C, ldc, ks, buffer);
+  for (int64_t i = real; i < rows; ++i) std::fill(C + i * ldc, C + i * ldc + np * kPanelCols, 0.0f);
+}
+
 // Per-token reduction of per-route rows: out[t] = sum_j weight * rows[route(t, j)], converted.
 void reduce_tokens(const KernelSet& ks, const RoutingPlan& plan, const float* routes_rows, int64_t H,
                    const float* slot_weight, void* out, DType out_dtype, float* scratch, int64_t t0) {
@@ -694,6 +707,12 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     float* scratch = w.scratch.data() + wk.tid() * w.scratch_per_thread;
     bf16* operand = w.operand.data() ? w.operand.data() + wk.tid() * w.operand_per_thread : nullptr;
     const int64_t ldd = 2 * Ip;  // dg | du
+    // The B operand of a task of 3 or 5 (panels [p0, p0 + np) of backward GEMM g), made once for all of the
+    // expert's rows; none (null) for an expert with few rows (backward_gemm), unless resident.
+    auto task_operand = [&](Gemm g, int64_t slot, int64_t p0, int64_t np) -> const bf16* {
+      if (W.backward == BackwardWeights::on_the_fly && w.blocks.few_rows(slot)) return nullptr;
+      return W.operand(g, plan.active[slot], p0, np, ks, operand);
+    };
 
     // 1. Gather gy per expert (unweighted), clear the dg/du padding, prepare the LoRA matrices, zero the
     //    LoRA gradients of the experts without routes (of this part). The gate_up part gathers its
@@ -757,9 +776,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     //    The down part writes dh = w dh_raw out per slot instead; h is the one its forward was given.
     if (part != Part::gate_up) wk.for_each_ahead(n_active * i_chunks, [&](int64_t task, int64_t next) {
       const int64_t slot = task / i_chunks, chunk = task % i_chunks, p0 = kPanelsPerBlock * chunk;
-      const PanelLayout& L = W.layout(Gemm::down_t);
       const int np = int(std::min<int64_t>(kPanelsPerBlock, i_panels - p0));
-      const bf16* B = W.operand(Gemm::down_t, plan.active[slot], p0, np, ks, operand);
+      const bf16* B = task_operand(Gemm::down_t, slot, p0, np);
       PrefetchStream ahead;  // the next task's operand source, read while this GEMM runs
       if (next >= 0) {
         const int64_t q0 = kPanelsPerBlock * (next % i_chunks);
@@ -770,7 +788,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       const bf16* LB =
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        gemm_rows(ks, w.gy.data() + b.prow * Hp, Hp, b.rows, B, L, np, scratch, kColBlock, &ahead);
+        backward_gemm(ks, W, Gemm::down_t, b.e, p0, np, B, operand, w.gy.data() + b.prow * Hp, Hp, b.rows, b.real,
+                      scratch, kColBlock, &ahead);
         if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandDown, slot, b, p0, np, LB, scratch, kColBlock);
         for (int64_t i = 0; i < b.real; ++i) {
           const int64_t route = b.route0 + i;
@@ -812,7 +831,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
         const PanelLayout& L = W.layout(Gemm::gate_up_t);
         const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
-        const bf16* B = W.operand(Gemm::gate_up_t, plan.active[slot], p0, np, ks, operand);
+        const bf16* B = task_operand(Gemm::gate_up_t, slot, p0, np);
         PrefetchStream ahead;  // the next dx task's operand source, read while this GEMM runs
         if (next >= 0 && next < n_active * h_chunks) {
           const int64_t q0 = (next % h_chunks) * kPanelsPerBlock;
@@ -823,7 +842,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
         const bf16* LB =
             lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, p0, np, wk.tid()) : nullptr;
         w.blocks.for_expert(slot, [&](const RowBlock& b) {
-          gemm_rows(ks, w.dgu.data() + b.prow * ldd, ldd, b.rows, B, L, np, scratch, kColBlock, &ahead);
+          backward_gemm(ks, W, Gemm::gate_up_t, b.e, p0, np, B, operand, w.dgu.data() + b.prow * ldd, ldd, b.rows,
+                        b.real, scratch, kColBlock, &ahead);
           if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, p0, np, LB, scratch, kColBlock);
           for (int64_t i = 0; i < b.real; ++i)
             std::memcpy(w.dxr.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));

@@ -192,6 +192,11 @@ void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const 
   kernels_for(isa).expand_f32(coef, ldcoef, rows, S, sk, sn, K, N, C, ldc);
 }
 
+void gemm_t(Isa isa, const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
+            int64_t nq, float* C, int64_t ldc, bool accumulate) {
+  kernels_for(isa).gemm_t(A, lda, rows, B, panel_stride, np, nq, C, ldc, accumulate, false);
+}
+
 void transpose_panels_generic(const bf16* src, int64_t src_panel_distance, int64_t src_panels, int64_t k0,
                               int64_t kcount, bf16* dst, int64_t dst_panel_stride, int64_t dst_row0,
                               int64_t dst_rows) {
@@ -430,6 +435,28 @@ bool PackedExperts::forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, co
                                        int64_t rows, float* C, int64_t ldc, const KernelSet& ks) const {
   if (storage == Storage::bf16 || !ks.gemm_codes || rows > codes_rows_limit(storage)) return false;
   ks.gemm_codes(quant_panels(g, e), p0, np, layout(g).Kp / 2, A, lda, rows, C, ldc);
+  return true;
+}
+
+bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda,
+                                          int64_t rows, float* C, int64_t ldc, const KernelSet& ks,
+                                          bf16* buffer) const {
+  if (backward == BackwardWeights::resident) return false;
+  const Gemm f = g == Gemm::down_t ? Gemm::down : Gemm::gate_up;
+  const int64_t q0 = p0 * kPanelCols / 2, nq = np * kPanelCols / 2, panels = layout(f).panels;
+  const bf16* B = buffer;  // the panels' pair-rows [q0, q0 + nq)
+  int64_t stride = nq * 2 * kPanelCols;
+  if (storage == Storage::bf16)
+    B = packed(f, e) + q0 * 2 * kPanelCols, stride = layout(f).panel_stride();
+  else
+    ks.decode_panels(quant_panels(f, e), 0, 1, panels, q0, nq, buffer, stride);
+  const bool stream = storage == Storage::bf16;
+  if (f == Gemm::down) {
+    ks.gemm_t(A, lda, rows, B, stride, panels, nq, C, ldc, false, stream);
+  } else {  // gate's panels (even) take dg, up's (odd) du
+    ks.gemm_t(A, lda, rows, B, 2 * stride, panels / 2, nq, C, ldc, false, stream);
+    ks.gemm_t(A + Ip, lda, rows, B + stride, 2 * stride, panels / 2, nq, C, ldc, true, stream);
+  }
   return true;
 }
 

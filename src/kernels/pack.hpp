@@ -43,7 +43,9 @@ void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_
 // Test hook: pack_panels of ISA path isa's kernel set on an fp32 matrix (element (k, n) at src[k*sk + n*sn]).
 void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
                      int64_t k_offset, int64_t panel_step, bf16* dst, int64_t lo_delta);
-// Test hook: KernelSet::expand_f32 of ISA path isa.
+// Test hooks: KernelSet::gemm_t and expand_f32 of ISA path isa.
+void gemm_t(Isa isa, const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
+            int64_t nq, float* C, int64_t ldc, bool accumulate);
 void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
                 int64_t K, int64_t N, float* C, int64_t ldc);
 
@@ -115,6 +117,13 @@ class PackedExperts {
   // or for more rows than that pays for in this storage (4-bit formats: 16, 8-bit: 4).
   bool forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda, int64_t rows, float* C,
                           int64_t ldc, const KernelSet& ks) const;
+  // C[rows][16*np] = A x operand(g, e, p0, np) of a backward GEMM g (down_t; gate_up_t, whose A holds
+  // dg at [0, Ip) and du at [Ip, 2 Ip)) without the transposed operand: the transpose of the forward
+  // panels' pair-rows that those columns are (ks.gemm_t), straight from the packed bf16 weights or decoded
+  // into `buffer` (operand_buffer_elements(g, np)). False (nothing done) for resident backward weights.
+  // For an expert with few rows, where making the operand costs more than using it.
+  bool backward_from_forward(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda, int64_t rows,
+                             float* C, int64_t ldc, const KernelSet& ks, bf16* buffer) const;
   // What operand(g, e, p0, np) reads when it transposes bf16 panels, as a stream to prefetch while
   // the previous operand is in use; empty for the other operands.
   PrefetchStream operand_source(Gemm g, int64_t e, int64_t p0, int64_t np) const;

@@ -218,6 +218,14 @@ def expand_f32(str isa not None, uintptr_t coef, int64_t ldcoef, int64_t rows, u
     kt.expand_f32(_isa(isa), <const float*>coef, ldcoef, rows, <const float*>S, sk, sn, K, N, <float*>C, ldc)
 
 
+def gemm_t(str isa not None, uintptr_t A, int64_t lda, int64_t rows, uintptr_t B, int64_t panel_stride, int64_t np,
+           int64_t nq, uintptr_t C, int64_t ldc, bint accumulate):
+    """Test hook: the backward GEMM on the forward panels' transpose of ISA path `isa` (kernels.hpp's
+    gemm_t; bf16 A and B as uint16 bits, the caller sizes the buffers)."""
+    kt.gemm_t(_isa(isa), <const uint16_t*>A, lda, rows, <const uint16_t*>B, panel_stride, np, nq, <float*>C, ldc,
+              accumulate)
+
+
 CACHE_CONSUMED = "cache: already consumed by a moe_backward; each forward's cache can be used once"
 
 

@@ -87,6 +87,8 @@ cdef extern from "pack.hpp" namespace "kt":
                          int64_t) except +
     void expand_f32(Isa, const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
                     int64_t) except +
+    void gemm_t(Isa, const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t,
+                bint) except +
 
     cdef enum class Gemm(int):
         gate_up
