@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from helpers import (
+    LORA_KEYS,
     TOL,
     assert_matches_reference,
     fwd_bwd,
@@ -114,6 +115,37 @@ def test_forward_backward_match_reference(isa, storage, case):
     assert torch.equal(y, y2), f"[{isa}/{storage}/{case}] y differs from the bf16 twin"
     for name, t in grads_dict(grads).items():
         assert torch.equal(t, grads_dict(grads2)[name]), f"[{isa}/{storage}/{case}] grads.{name} differs"
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_few_row_backward_matches_bf16_twin_bitwise(isa, storage):
+    """The backward GEMMs of experts with few rows (the forward panels' transpose, decoded in registers where
+    the ISA has gemm_codes_t) multiply by exactly dequantize()'s values: through the split path, whose
+    backwards take the layer's inputs of the forward as given (h, dg | du), a bf16 state packed from those
+    values gives bitwise the same dh, dw, dx and LoRA gradients."""
+    from kt_functional import ops
+
+    prob = make_problem(E=5, H=200, I=72, k=2, T=9, r=3, seed=4)  # 1-7 rows an expert; partial groups, blocks
+    weights = quantized_weights(prob, storage)
+    gate, up, down = (t.bfloat16() for t in weights.dequantize())
+    twin = ktf().ExpertWeights.from_tensors(gate, up, down)
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(prob.T, prob.k, prob.I, generator=g) * 0.5).bfloat16()
+    dgu = torch.randn(prob.T, prob.k, 2 * prob.I, generator=g) * 0.1
+    gy = make_gy(prob)
+    outs = []
+    for w in (weights, twin):
+        state = ktf().MoEState(w, make_lora(prob), threads=2, isa=isa)
+        _, up_cache = ops.moe_gate_up_forward(state, prob.x, prob.ids, prob.w)
+        _, down_cache = ops.moe_down_forward(state, h, prob.ids, prob.w)
+        outs.append((ops.moe_down_backward(state, down_cache, gy), ops.moe_gate_up_backward(state, up_cache, dgu)))
+    for part, got, want in zip(("down", "gate_up"), outs[0], outs[1]):
+        pairs = [("x", got.x, want.x), ("w", got.w, want.w)] + [
+            (name, getattr(got.lora, name), getattr(want.lora, name)) for name in LORA_KEYS]
+        for name, a, b in pairs:
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.equal(a, b), f"[{isa}/{storage}] {part}: {name} differs from the twin"
 
 
 @pytest.mark.parametrize("storage", QUANTIZED)

@@ -337,6 +337,77 @@ void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int6
   with_format(src, [&](const auto& format) { gemm_codes_format(format, src, first_panel, np, kpairs, A, lda, rows, C, ldc); });
 }
 
+// gemm_codes_t (kernels.hpp): gemm_t_block (transpose_avx512.hpp) with each B row decoded as decode_streams
+// stores it (store_row's rounding), from the codes of QB pair-rows in one scale group.
+template <int MR, int QB, class Format>
+void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t panel_distance, int64_t scale_offset,
+                        int64_t np, int64_t q0, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
+  const Format f = format;
+  const int64_t group = q0 / Format::kGroupPairs;
+  __m512 even[MR][QB], odd[MR][QB];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* panel = panel0 + p * panel_distance;
+    // this panel's next pair-rows (a later call's) into L2: the panels are far apart, too many streams
+    // for the hardware prefetcher
+    for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (q0 + QB) * Format::kRowBytes + line), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes((q0 + QB) / Format::kGroupPairs)),
+                 _MM_HINT_T1);
+    const RowScales s = f.scales(panel + scale_offset, group);
+    __m512bh lo[MR], hi[MR];
+    for (int m = 0; m < MR; ++m) {
+      const bf16* row = A + m * lda + p * kPanelCols;
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+      lo[m] = (__m512bh)a;
+      hi[m] = (__m512bh)_mm512_slli_epi32(a, 16);
+    }
+    for (int q = 0; q < QB; ++q) {
+      __m512 vlo, vhi;
+      f.values(panel, q0 + q, vlo, vhi);
+      const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_mul_ps(vhi, s.hi), _mm512_mul_ps(vlo, s.lo));
+      for (int m = 0; m < MR; ++m) {
+        even[m][q] = _mm512_dpbf16_ps(even[m][q], lo[m], w);
+        odd[m][q] = _mm512_dpbf16_ps(odd[m][q], hi[m], w);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < QB; ++q) {
+      float* c = C + m * ldc + 2 * q;
+      const float e = _mm512_reduce_add_ps(even[m][q]), o = _mm512_reduce_add_ps(odd[m][q]);
+      c[0] = accumulate ? c[0] + e : e;
+      c[1] = accumulate ? c[1] + o : o;
+    }
+}
+
+template <int MR, class Format>
+void gemm_codes_t_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
+                       int64_t q0, int64_t nq, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
+  constexpr int QB = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // 2 MR QB sums, A's and the decoding fit the 32 zmm
+  const uint8_t* panel0 = src.data + first_panel * src.panel_bytes;
+  for (int64_t q = 0; q < nq; q += QB)
+    gemm_codes_t_block<MR, QB>(f, panel0, panel_step * src.panel_bytes, src.scale_offset, np, q0 + q, A, lda,
+                               C + 2 * q, ldc, accumulate);
+}
+
+void gemm_codes_t_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
+                         int64_t nq, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc, bool accumulate) {
+  with_format(src, [&](const auto& f) {
+    for (int64_t m = 0; m < rows; m += 4) {
+      const bf16* a = A + m * lda;
+      float* c = C + m * ldc;
+      switch (std::min<int64_t>(4, rows - m)) {
+        case 1: gemm_codes_t_rows<1>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
+        case 2: gemm_codes_t_rows<2>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
+        case 3: gemm_codes_t_rows<3>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
+        default: gemm_codes_t_rows<4>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace kt
 

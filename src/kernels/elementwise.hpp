@@ -306,7 +306,7 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
                                    DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, GemmTFn gemm_t,
-                                   PackPanelsFn pack_panels, ExpandF32Fn expand) {
+                                   GemmCodesTFn gemm_codes_t, PackPanelsFn pack_panels, ExpandF32Fn expand) {
   return KernelSet{isa,
                    mr,
                    row_multiple,
@@ -315,6 +315,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                    decode_panels,
                    gemm_codes,
                    gemm_t,
+                   gemm_codes_t,
                    pack_panels,
                    {{gate_forward<Swish, false>, gate_forward<Gelu, false>, gate_forward<GeluTanh, false>,
                      gate_forward<Relu, false>, gate_forward<Relu2, false>},

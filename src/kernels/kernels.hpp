@@ -108,6 +108,12 @@ using GemmCodesFn = void (*)(const QuantPanels& src, int64_t first_panel, int np
 // comes from memory (not a decoded buffer in cache), so a kernel may ask for what it reads next.
 using GemmTFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
                          int64_t nq, float* C, int64_t ldc, bool accumulate, bool stream);
+// gemm_t on a quantized storage's panels first_panel, first_panel + panel_step, ... (np of them), their
+// pair-rows [q0, q0 + nq) (q0, nq multiples of 8) decoded in registers as decode_panels writes them:
+// bitwise decode_panels then gemm_t, without the decoded copy.
+using GemmCodesTFn = void (*)(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
+                              int64_t nq, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc,
+                              bool accumulate);
 
 // The expert variants of MATH.md ("Expert variants"): the activation, whether a gate multiplies it,
 // gpt-oss / DeepSeek-V4 clamps and up offset, and frozen biases. Chosen once per call: the
@@ -151,6 +157,7 @@ struct KernelSet {
   DecodePanelsFn decode_panels;
   GemmCodesFn gemm_codes;  // null: few-row quantized GEMMs decode K chunks with decode_panels instead
   GemmTFn gemm_t;
+  GemmCodesTFn gemm_codes_t;  // null: decode_panels into a buffer, then gemm_t
   PackPanelsFn pack_panels;
   // Epilogues per [gated][activation], one template instantiated per entry (elementwise.hpp).
   GateForwardFn gate_forward[2][kActivations];

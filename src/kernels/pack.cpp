@@ -444,6 +444,16 @@ bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np,
   if (backward == BackwardWeights::resident) return false;
   const Gemm f = g == Gemm::down_t ? Gemm::down : Gemm::gate_up;
   const int64_t q0 = p0 * kPanelCols / 2, nq = np * kPanelCols / 2, panels = layout(f).panels;
+  if (storage != Storage::bf16 && ks.gemm_codes_t) {  // decoded in registers: no copy to store and reload
+    const QuantPanels q = quant_panels(f, e);
+    if (f == Gemm::down) {
+      ks.gemm_codes_t(q, 0, 1, panels, q0, nq, A, lda, rows, C, ldc, false);
+    } else {  // gate's panels (even) take dg, up's (odd) du
+      ks.gemm_codes_t(q, 0, 2, panels / 2, q0, nq, A, lda, rows, C, ldc, false);
+      ks.gemm_codes_t(q, 1, 2, panels / 2, q0, nq, A + Ip, lda, rows, C, ldc, true);
+    }
+    return true;
+  }
   const bf16* B = buffer;  // the panels' pair-rows [q0, q0 + nq)
   int64_t stride = nq * 2 * kPanelCols;
   if (storage == Storage::bf16)
