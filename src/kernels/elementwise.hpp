@@ -192,10 +192,17 @@ float gate_backward(const ExpertVariant& v, const float* dh_raw, const bf16* g, 
            : gate_backward_columns<Act, kGated, false>(v, dh_raw, g, u, n, w, dg, du, h);
 }
 
-void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
-                 float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
-  for (int i = 0; i < m; ++i)
-    for (int64_t c = 0; c < n; ++c) G[i * ldg + c] = 0.0f;
+// rank_update (kTransposed false: G[i][c]) and rank_update_t (true: G[c][i]); the same sums either way.
+template <bool kTransposed>
+void rank_update_into(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
+                      float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
+  if constexpr (kTransposed) {
+    for (int64_t c = 0; c < n; ++c)
+      for (int i = 0; i < m; ++i) G[c * ldg + i] = 0.0f;
+  } else {
+    for (int i = 0; i < m; ++i)
+      for (int64_t c = 0; c < n; ++c) G[i * ldg + c] = 0.0f;
+  }
   // Four routes at a time: G is loaded and stored once per four rank-1 updates.
   alignas(64) float r[4][kRankUpdateMaxCols];
   for (int64_t p0 = 0; p0 < P; p0 += 4) {
@@ -208,12 +215,30 @@ void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int
       for (int64_t c = 0; c < n; ++c) r[q][c] = q < cnt ? to_f32(row[c]) : 0.0f;
       for (int i = 0; i < m; ++i) a[q][i] = q < cnt ? coef[p * ldcoef + i] * ps : 0.0f;
     }
-    for (int i = 0; i < m; ++i) {
-      float* gi = G + i * ldg;
-      float a0 = a[0][i], a1 = a[1][i], a2 = a[2][i], a3 = a[3][i];
-      for (int64_t c = 0; c < n; ++c) gi[c] += a0 * r[0][c] + a1 * r[1][c] + a2 * r[2][c] + a3 * r[3][c];
+    if constexpr (kTransposed) {  // a row of G per column: the loop over the rank vectorizes
+      for (int64_t c = 0; c < n; ++c) {
+        float* gc = G + c * ldg;
+        const float r0 = r[0][c], r1 = r[1][c], r2 = r[2][c], r3 = r[3][c];
+        for (int i = 0; i < m; ++i) gc[i] += a[0][i] * r0 + a[1][i] * r1 + a[2][i] * r2 + a[3][i] * r3;
+      }
+    } else {
+      for (int i = 0; i < m; ++i) {
+        float* gi = G + i * ldg;
+        float a0 = a[0][i], a1 = a[1][i], a2 = a[2][i], a3 = a[3][i];
+        for (int64_t c = 0; c < n; ++c) gi[c] += a0 * r[0][c] + a1 * r[1][c] + a2 * r[2][c] + a3 * r[3][c];
+      }
     }
   }
+}
+
+void rank_update(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
+                 float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
+  rank_update_into<false>(G, ldg, m, n, coef, ldcoef, pscale, scale, rows, ldrow, row_index, P);
+}
+
+void rank_update_t(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef, const float* pscale,
+                   float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index, int64_t P) {
+  rank_update_into<true>(G, ldg, m, n, coef, ldcoef, pscale, scale, rows, ldrow, row_index, P);
 }
 
 void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
@@ -326,6 +351,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                     {gate_backward<Swish, true>, gate_backward<Gelu, true>, gate_backward<GeluTanh, true>,
                      gate_backward<Relu, true>, gate_backward<Relu2, true>}},
                    rank_update,
+                   rank_update_t,
                    project_f32,
                    expand,
                    to_bf16_row,

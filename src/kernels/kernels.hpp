@@ -169,6 +169,10 @@ struct KernelSet {
   void (*rank_update)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
                       const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,
                       int64_t P);
+  // The same values written as G[c][i] (ld ldg): the gradients of the [out][rank] matrices (the B's).
+  void (*rank_update_t)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
+                        const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,
+                        int64_t P);
   // C[m][n] = sum_k A[m][k] * S(k, n) in fp32 for m < rows, n < N; S(k, n) = S[k*sk + n*sn] with sk == 1
   // or sn == 1; a fixed order. The LoRA projects of an expert with few rows: each operand is used once,
   // so reading the fp32 matrix straight beats packing it (and keeps it whole, not split in two parts).

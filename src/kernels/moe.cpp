@@ -675,7 +675,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
     ws->lora = std::make_unique<LoraPanels>(a.lora, H, I, ws->blocks, true, threads);
     lora_cols = kPanelCols * ws->lora->layout(LoraPanels::kProjectGateUp).panels;
   }
-  ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, r * kGradCols, H});
+  ws->scratch_per_thread = std::max({kRowBlock * kColBlock, kRowBlock * lora_cols, H});
   ws->scratch = Buffer<float>(size_t(ws->scratch_per_thread * threads), Memory::workspace);
   ws->operand_per_thread = std::max(weights->operand_buffer_elements(Gemm::down_t, kPanelsPerBlock),
                                     weights->operand_buffer_elements(Gemm::gate_up_t, kPanelsPerBlock));
@@ -860,7 +860,7 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       if ((part == Part::down && !down_gradient) || (part == Part::gate_up && down_gradient)) return;
       const int64_t c0 = (g < 3 * gh ? g % gh : (g - 3 * gh) % gi) * kGradCols;
       const int64_t ncols = std::min(kGradCols, (kind < 3 ? H : I) - c0);
-      // [r][cols] gradients are written in place; [cols][r] ones go through scratch.
+      // [r][cols] gradients (the A's) and [cols][r] ones (the B's), written in place.
       auto direct = [&](float* G, int64_t ld, const float* coef, const float* pscale, const bf16* rows, int64_t ldrow,
                         const int32_t* index) {
         ks.rank_update(G + e * r * ld + c0, ld, int(r), ncols, coef + off * r, r, pscale, s, rows + c0, ldrow, index,
@@ -868,10 +868,8 @@ std::shared_ptr<Job> make_backward_job(std::shared_ptr<const PackedExperts> weig
       };
       auto transposed = [&](float* G, int64_t cols, const float* coef, const float* pscale, const bf16* rows,
                             int64_t ldrow) {
-        ks.rank_update(scratch, kGradCols, int(r), ncols, coef + off * r, r, pscale, s, rows + c0, ldrow, nullptr, n_e);
-        float* out = G + (e * cols + c0) * r;
-        for (int64_t col = 0; col < ncols; ++col)
-          for (int64_t q = 0; q < r; ++q) out[col * r + q] = scratch[q * kGradCols + col];
+        ks.rank_update_t(G + (e * cols + c0) * r, r, int(r), ncols, coef + off * r, r, pscale, s, rows + c0, ldrow,
+                         nullptr, n_e);
       };
       const int32_t* tokens = plan.route_token.data() + off;
       switch (kind) {
