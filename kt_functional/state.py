@@ -187,10 +187,11 @@ class ExpertWeights:
         """(gate [E, I, H], up [E, I, H], down [E, H, I]) in fp32: exactly the values the kernels multiply by.
 
         A quantized storage's kernels decode it to bf16 panels for the micro-kernels, so these are those
-        bf16-rounded values, bf16(code * scale). One exception: in a forward call, an expert with at most 16
-        rows (4 for int8 and fp8_block) on the avx512 and amx paths is multiplied straight from its codes
-        (each code's value is a bf16; the scales multiply fp32 sums), that is by code * scale itself,
-        within one bf16 rounding of these.
+        bf16-rounded values, bf16(code * scale). One exception: an expert with at most 16 rows (4 for int8
+        and fp8_block) on the avx512 and amx paths is multiplied straight from its codes, forward and
+        backward (each code's value is a bf16; the scales multiply fp32 sums), that is by code * scale
+        itself, within one bf16 rounding of these: its gradients are those of the function its forward
+        computed.
         """
         if self.parts:
             gates, ups, downs = zip(*(p.dequantize() for p in self.parts))

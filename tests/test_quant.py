@@ -117,28 +117,41 @@ def test_forward_backward_match_reference(isa, storage, case):
         assert torch.equal(t, grads_dict(grads2)[name]), f"[{isa}/{storage}/{case}] grads.{name} differs"
 
 
+def split_backwards(weights, prob, isa, lora, h, dgu, gy):
+    """(Grads of moe_down_backward, of moe_gate_up_backward) through the split path, whose backwards take the
+    layer's inputs of the forward as given (h, dg | du): the forward's own products do not enter them."""
+    from kt_functional import ops
+
+    state = ktf().MoEState(weights, lora, threads=2, isa=isa)
+    _, up_cache = ops.moe_gate_up_forward(state, prob.x, prob.ids, prob.w)
+    _, down_cache = ops.moe_down_forward(state, h, prob.ids, prob.w)
+    return ops.moe_down_backward(state, down_cache, gy), ops.moe_gate_up_backward(state, up_cache, dgu)
+
+
+def split_inputs(prob, seed=5, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(prob.T, prob.k, prob.I, generator=g) * 0.5).to(dtype)
+    return h, torch.randn(prob.T, prob.k, 2 * prob.I, generator=g) * 0.1
+
+
 @pytest.mark.parametrize("storage", QUANTIZED)
 def test_few_row_backward_matches_bf16_twin_bitwise(isa, storage):
     """The backward GEMMs of experts with few rows (the forward panels' transpose, decoded in registers where
-    the ISA has gemm_codes_t) multiply by exactly dequantize()'s values: through the split path, whose
-    backwards take the layer's inputs of the forward as given (h, dg | du), a bf16 state packed from those
-    values gives bitwise the same dh, dw, dx and LoRA gradients."""
-    from kt_functional import ops
-
-    prob = make_problem(E=5, H=200, I=72, k=2, T=9, r=3, seed=4)  # 1-7 rows an expert; partial groups, blocks
+    the ISA has gemm_codes_t) multiply by exactly dequantize()'s values, but for the experts whose forward
+    multiplies from the codes (test_backward_gemm_multiplies_by_code_times_scale): a bf16 state packed from
+    those values gives bitwise the same dh, dw, dx and LoRA gradients. Every expert gets 10 routes here:
+    above the 8-bit formats' CODES_ROWS, so only the 4-bit formats on FROM_CODES have nothing to compare."""
+    if isa in FROM_CODES and CODES_ROWS[storage] >= 10:
+        pytest.skip("every expert with at most 16 rows multiplies by code * scale here")
+    prob = make_problem(E=4, H=200, I=72, k=2, T=20, r=3, seed=4)  # partial groups and blocks
+    prob.ids = torch.stack([torch.arange(prob.T) % prob.E, (torch.arange(prob.T) + 1) % prob.E], dim=1)
+    assert expert_rows(prob) == [10] * prob.E
     weights = quantized_weights(prob, storage)
     gate, up, down = (t.bfloat16() for t in weights.dequantize())
-    twin = ktf().ExpertWeights.from_tensors(gate, up, down)
-    g = torch.Generator().manual_seed(5)
-    h = (torch.randn(prob.T, prob.k, prob.I, generator=g) * 0.5).bfloat16()
-    dgu = torch.randn(prob.T, prob.k, 2 * prob.I, generator=g) * 0.1
+    h, dgu = split_inputs(prob)
     gy = make_gy(prob)
-    outs = []
-    for w in (weights, twin):
-        state = ktf().MoEState(w, make_lora(prob), threads=2, isa=isa)
-        _, up_cache = ops.moe_gate_up_forward(state, prob.x, prob.ids, prob.w)
-        _, down_cache = ops.moe_down_forward(state, h, prob.ids, prob.w)
-        outs.append((ops.moe_down_backward(state, down_cache, gy), ops.moe_gate_up_backward(state, up_cache, dgu)))
+    outs = [split_backwards(w, prob, isa, make_lora(prob), h, dgu, gy)
+            for w in (weights, ktf().ExpertWeights.from_tensors(gate, up, down))]
     for part, got, want in zip(("down", "gate_up"), outs[0], outs[1]):
         pairs = [("x", got.x, want.x), ("w", got.w, want.w)] + [
             (name, getattr(got.lora, name), getattr(want.lora, name)) for name in LORA_KEYS]
@@ -361,6 +374,46 @@ def test_forward_gemm_multiplies_by_code_times_scale(isa, storage, T):
     assert distinct == any(not torch.equal(a, b) for a, b in zip(exact, rounded))
     assert err < 1e-5 and (err_other > 1e-4 or not distinct), (
         f"[{isa}/{storage}/T={T}] {err:.2e} vs the other values {err_other:.2e} (rows per expert {rows.tolist()})")
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
+@pytest.mark.parametrize("T", [1, 9, 40])
+def test_backward_gemm_multiplies_by_code_times_scale(isa, storage, T):
+    """The backward's two GEMMs alone (the split path without LoRA, fp32 out: dh = w Wd^T gy, dx = the sum
+    over a token's slots of [dg | du] [Wg; Wu]) against float64: an expert whose forward multiplies from the
+    codes (test_forward_gemm_multiplies_by_code_times_scale) gets the gradient of that function, by code *
+    scale itself; every other one by dequantize()'s bf16(code * scale). The two differ by ~1e-3."""
+    prob = make_problem(E=5, H=200, I=72, k=3, T=T, r=4, unused_frac=0.1, seed=41 + T)
+    prob.x = prob.x.float()  # dx in fp32
+    tensors = checkpoint(storage, prob)
+    weights = ktf().ExpertWeights.from_quantized(storage, *tensors)
+    exact = [ref.dequantize_checkpoint(storage, t, n).double() for t, n in zip(tensors, (prob.H, prob.H, prob.I))]
+    rounded = [w.double() for w in weights.dequantize()]
+    h, dgu = split_inputs(prob)
+    dgu = dgu.bfloat16().float()  # the kernels take gy and dg | du in bf16
+    gy = make_gy(prob)
+    down, gate_up = split_backwards(weights, prob, isa, None, h, dgu, gy)
+    rows = torch.bincount(prob.ids[prob.ids >= 0], minlength=prob.E)
+    from_codes = [isa in FROM_CODES and int(n) <= CODES_ROWS[storage] for n in rows]
+
+    def expected(codes_w, decoded_w):
+        dh = torch.zeros(down.x.shape, dtype=torch.float64)
+        dx = torch.zeros(prob.T, prob.H, dtype=torch.float64)
+        dgu64 = dgu.double()
+        for t, j in (prob.ids >= 0).nonzero().tolist():
+            e = int(prob.ids[t, j])
+            g, u, d = codes_w if from_codes[e] else decoded_w
+            dh[t, j] = prob.w[t, j].double() * (d[e].T @ gy[t].double())
+            dx[t] += g[e].T @ dgu64[t, j, : prob.I] + u[e].T @ dgu64[t, j, prob.I:]
+        return dh, dx
+
+    want, other = expected(exact, rounded), expected(rounded, exact)
+    distinct = storage != "mxfp4"  # mxfp4's values are bf16 values: nothing to tell apart
+    for name, got, w_, o_ in (("dh", down.x, want[0], other[0]), ("dx", gate_up.x, want[1], other[1])):
+        assert got.dtype == torch.float32
+        err, err_other = rel_err(got.double(), w_), rel_err(got.double(), o_)
+        assert err < 1e-5 and (err_other > 1e-4 or not distinct or not any(from_codes)), (
+            f"[{isa}/{storage}/T={T}] {name}: {err:.2e} vs the other values {err_other:.2e} (rows {rows.tolist()})")
 
 
 def every_code_checkpoint(storage, E, out, inp, seed=0):

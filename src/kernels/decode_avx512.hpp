@@ -7,13 +7,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.hpp"
 
-// GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpermps, vpmovsxbd, vcvtph2ps)
-// as maybe uninitialized (a known false positive of its headers).
+// GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpermps, vpmovsxbd, vcvtph2ps,
+// the extracts of _mm512_reduce_add_ps) as (maybe) uninitialized (a known false positive of its headers).
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace kt {
@@ -382,6 +384,54 @@ void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t pan
     }
 }
 
+// gemm_codes_t with `exact`: per panel, the products of A and the codes' values (exact in bf16, as in
+// gemm_codes) in fresh sums, then times the panel's column scales into the totals (one fp32 FMA). The codes
+// of kStep pair-rows come at once: 1 or 2 rows (sums for QB pair-rows and the decoded rows fit the 32 zmm).
+template <int MR, int QB, class Format>
+void gemm_codes_t_exact_block(const Format& format, const uint8_t* panel0, int64_t panel_distance,
+                              int64_t scale_offset, int64_t np, int64_t q0, const bf16* A, int64_t lda, float* C,
+                              int64_t ldc, bool accumulate) {
+  constexpr int kStep = Format::kStep;
+  static_assert(QB % kStep == 0, "whole steps of the format's codes");
+  const Format f = format;
+  const int64_t group = q0 / Format::kGroupPairs;
+  __m512 even[MR][QB], odd[MR][QB];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* panel = panel0 + p * panel_distance;
+    for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)  // as in gemm_codes_t_block
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (q0 + QB) * Format::kRowBytes + line), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes((q0 + QB) / Format::kGroupPairs)),
+                 _MM_HINT_T1);
+    const __m512 s = f.column_scales(panel + scale_offset, group);
+    __m512bh lo[MR], hi[MR];
+    for (int m = 0; m < MR; ++m) {
+      const bf16* row = A + m * lda + p * kPanelCols;
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+      lo[m] = (__m512bh)a;
+      hi[m] = (__m512bh)_mm512_slli_epi32(a, 16);
+    }
+    for (int q = 0; q < QB; q += kStep) {
+      __m512bh w[kStep];
+      f.codes(panel, q0 + q, w);
+      for (int i = 0; i < kStep; ++i)
+        for (int m = 0; m < MR; ++m) {
+          const __m512 zero = _mm512_setzero_ps();
+          even[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, lo[m], w[i]), s, even[m][q + i]);
+          odd[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, hi[m], w[i]), s, odd[m][q + i]);
+        }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < QB; ++q) {
+      float* c = C + m * ldc + 2 * q;
+      const float e = _mm512_reduce_add_ps(even[m][q]), o = _mm512_reduce_add_ps(odd[m][q]);
+      c[0] = accumulate ? c[0] + e : e;
+      c[1] = accumulate ? c[1] + o : o;
+    }
+}
+
 template <int MR, class Format>
 void gemm_codes_t_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
                        int64_t q0, int64_t nq, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
@@ -392,18 +442,40 @@ void gemm_codes_t_rows(const Format& f, const QuantPanels& src, int64_t first_pa
                                C + 2 * q, ldc, accumulate);
 }
 
+template <int MR, class Format>
+void gemm_codes_t_exact_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step,
+                             int64_t np, int64_t q0, int64_t nq, const bf16* A, int64_t lda, float* C, int64_t ldc,
+                             bool accumulate) {
+  constexpr int QB = MR == 1 ? 8 : 4;
+  const uint8_t* panel0 = src.data + first_panel * src.panel_bytes;
+  for (int64_t q = 0; q < nq; q += QB)
+    gemm_codes_t_exact_block<MR, QB>(f, panel0, panel_step * src.panel_bytes, src.scale_offset, np, q0 + q, A, lda,
+                                     C + 2 * q, ldc, accumulate);
+}
+
 void gemm_codes_t_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
-                         int64_t nq, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc, bool accumulate) {
+                         int64_t nq, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc, bool accumulate,
+                         bool exact) {
   with_format(src, [&](const auto& f) {
-    for (int64_t m = 0; m < rows; m += 4) {
+    const int64_t step = exact ? 2 : 4;  // rows per block
+    for (int64_t m = 0; m < rows; m += step) {
       const bf16* a = A + m * lda;
       float* c = C + m * ldc;
-      switch (std::min<int64_t>(4, rows - m)) {
-        case 1: gemm_codes_t_rows<1>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
-        case 2: gemm_codes_t_rows<2>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
-        case 3: gemm_codes_t_rows<3>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
-        default: gemm_codes_t_rows<4>(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate); break;
-      }
+      const int64_t n = std::min(step, rows - m);
+      auto run = [&](auto rows_fn) {
+        rows_fn(f, src, first_panel, panel_step, np, q0, nq, a, lda, c, ldc, accumulate);
+      };
+      using F = std::decay_t<decltype(f)>;
+      if (exact)
+        n == 1 ? run(gemm_codes_t_exact_rows<1, F>) : run(gemm_codes_t_exact_rows<2, F>);
+      else if (n == 1)
+        run(gemm_codes_t_rows<1, F>);
+      else if (n == 2)
+        run(gemm_codes_t_rows<2, F>);
+      else if (n == 3)
+        run(gemm_codes_t_rows<3, F>);
+      else
+        run(gemm_codes_t_rows<4, F>);
     }
   });
 }

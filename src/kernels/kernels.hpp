@@ -109,11 +109,13 @@ using GemmCodesFn = void (*)(const QuantPanels& src, int64_t first_panel, int np
 using GemmTFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
                          int64_t nq, float* C, int64_t ldc, bool accumulate, bool stream);
 // gemm_t on a quantized storage's panels first_panel, first_panel + panel_step, ... (np of them), their
-// pair-rows [q0, q0 + nq) (q0, nq multiples of 8) decoded in registers as decode_panels writes them:
-// bitwise decode_panels then gemm_t, without the decoded copy.
+// pair-rows [q0, q0 + nq) (q0, nq multiples of 8) decoded in registers: as decode_panels writes them
+// (bitwise decode_panels then gemm_t, without the decoded copy), or with `exact`, by code * scale itself
+// as gemm_codes multiplies (each panel's products of the codes, then its scales in fp32): the backward of
+// the experts whose forward ran on gemm_codes.
 using GemmCodesTFn = void (*)(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
                               int64_t nq, const bf16* A, int64_t lda, int64_t rows, float* C, int64_t ldc,
-                              bool accumulate);
+                              bool accumulate, bool exact);
 
 // The expert variants of MATH.md ("Expert variants"): the activation, whether a gate multiplies it,
 // gpt-oss / DeepSeek-V4 clamps and up offset, and frozen biases. Chosen once per call: the

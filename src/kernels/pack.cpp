@@ -446,11 +446,14 @@ bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np,
   const int64_t q0 = p0 * kPanelCols / 2, nq = np * kPanelCols / 2, panels = layout(f).panels;
   if (storage != Storage::bf16 && ks.gemm_codes_t) {  // decoded in registers: no copy to store and reload
     const QuantPanels q = quant_panels(f, e);
+    // by code * scale itself where the forward multiplied by it (forward_from_codes): the gradient of the
+    // function the forward computed
+    const bool exact = ks.gemm_codes && rows <= codes_rows_limit(storage);
     if (f == Gemm::down) {
-      ks.gemm_codes_t(q, 0, 1, panels, q0, nq, A, lda, rows, C, ldc, false);
+      ks.gemm_codes_t(q, 0, 1, panels, q0, nq, A, lda, rows, C, ldc, false, exact);
     } else {  // gate's panels (even) take dg, up's (odd) du
-      ks.gemm_codes_t(q, 0, 2, panels / 2, q0, nq, A, lda, rows, C, ldc, false);
-      ks.gemm_codes_t(q, 1, 2, panels / 2, q0, nq, A + Ip, lda, rows, C, ldc, true);
+      ks.gemm_codes_t(q, 0, 2, panels / 2, q0, nq, A, lda, rows, C, ldc, false, exact);
+      ks.gemm_codes_t(q, 1, 2, panels / 2, q0, nq, A + Ip, lda, rows, C, ldc, true, exact);
     }
     return true;
   }
