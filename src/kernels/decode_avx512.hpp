@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "kernels.hpp"
+#include "transpose_avx512.hpp"
 
 // GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpermps, vpmovsxbd, vcvtph2ps,
 // the extracts of _mm512_reduce_add_ps) as (maybe) uninitialized (a known false positive of its headers).
@@ -339,6 +340,16 @@ void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int6
   with_format(src, [&](const auto& format) { gemm_codes_format(format, src, first_panel, np, kpairs, A, lda, rows, C, ldc); });
 }
 
+// A panel's codes of the pair-rows [q0, q0 + QB) and of its scale group ahead of their use, into L2: the
+// panels of a gemm_codes_t call are far apart, too many streams for the hardware prefetcher.
+template <int QB, class Format>
+inline void prefetch_codes_t(const Format& f, const uint8_t* panel, int64_t scale_offset, int64_t q0) {
+  for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(panel + q0 * Format::kRowBytes + line), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes(q0 / Format::kGroupPairs)),
+               _MM_HINT_T1);
+}
+
 // gemm_codes_t (kernels.hpp): gemm_t_block (transpose_avx512.hpp) with each B row decoded as decode_streams
 // stores it (store_row's rounding), from the codes of QB pair-rows in one scale group.
 template <int MR, int QB, class Format>
@@ -346,42 +357,21 @@ void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t pan
                         int64_t np, int64_t q0, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
   const Format f = format;
   const int64_t group = q0 / Format::kGroupPairs;
-  __m512 even[MR][QB], odd[MR][QB];
-  for (int m = 0; m < MR; ++m)
-    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
+  transposed_block<MR, QB>(A, lda, np, C, ldc, accumulate, [&](int64_t p, const PanelPairs<MR>& a, auto& even,
+                                                               auto& odd) {
     const uint8_t* panel = panel0 + p * panel_distance;
-    // this panel's next pair-rows (a later call's) into L2: the panels are far apart, too many streams
-    // for the hardware prefetcher
-    for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (q0 + QB) * Format::kRowBytes + line), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes((q0 + QB) / Format::kGroupPairs)),
-                 _MM_HINT_T1);
+    prefetch_codes_t<QB>(f, panel, scale_offset, q0 + QB);  // this panel's pair-rows of the next block
     const RowScales s = f.scales(panel + scale_offset, group);
-    __m512bh lo[MR], hi[MR];
-    for (int m = 0; m < MR; ++m) {
-      const bf16* row = A + m * lda + p * kPanelCols;
-      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
-      lo[m] = (__m512bh)a;
-      hi[m] = (__m512bh)_mm512_slli_epi32(a, 16);
-    }
     for (int q = 0; q < QB; ++q) {
       __m512 vlo, vhi;
       f.values(panel, q0 + q, vlo, vhi);
       const __m512bh w = _mm512_cvtne2ps_pbh(_mm512_mul_ps(vhi, s.hi), _mm512_mul_ps(vlo, s.lo));
       for (int m = 0; m < MR; ++m) {
-        even[m][q] = _mm512_dpbf16_ps(even[m][q], lo[m], w);
-        odd[m][q] = _mm512_dpbf16_ps(odd[m][q], hi[m], w);
+        even[m][q] = _mm512_dpbf16_ps(even[m][q], a.lo[m], w);
+        odd[m][q] = _mm512_dpbf16_ps(odd[m][q], a.hi[m], w);
       }
     }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int q = 0; q < QB; ++q) {
-      float* c = C + m * ldc + 2 * q;
-      const float e = _mm512_reduce_add_ps(even[m][q]), o = _mm512_reduce_add_ps(odd[m][q]);
-      c[0] = accumulate ? c[0] + e : e;
-      c[1] = accumulate ? c[1] + o : o;
-    }
+  });
 }
 
 // gemm_codes_t with `exact`: per panel, the products of A and the codes' values (exact in bf16, as in
@@ -395,62 +385,39 @@ void gemm_codes_t_exact_block(const Format& format, const uint8_t* panel0, int64
   static_assert(QB % kStep == 0, "whole steps of the format's codes");
   const Format f = format;
   const int64_t group = q0 / Format::kGroupPairs;
-  __m512 even[MR][QB], odd[MR][QB];
-  for (int m = 0; m < MR; ++m)
-    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
+  transposed_block<MR, QB>(A, lda, np, C, ldc, accumulate, [&](int64_t p, const PanelPairs<MR>& a, auto& even,
+                                                               auto& odd) {
     const uint8_t* panel = panel0 + p * panel_distance;
-    for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)  // as in gemm_codes_t_block
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (q0 + QB) * Format::kRowBytes + line), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes((q0 + QB) / Format::kGroupPairs)),
-                 _MM_HINT_T1);
+    prefetch_codes_t<QB>(f, panel, scale_offset, q0 + QB);
     const __m512 s = f.column_scales(panel + scale_offset, group);
-    __m512bh lo[MR], hi[MR];
-    for (int m = 0; m < MR; ++m) {
-      const bf16* row = A + m * lda + p * kPanelCols;
-      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
-      lo[m] = (__m512bh)a;
-      hi[m] = (__m512bh)_mm512_slli_epi32(a, 16);
-    }
+    const __m512 zero = _mm512_setzero_ps();
     for (int q = 0; q < QB; q += kStep) {
       __m512bh w[kStep];
       f.codes(panel, q0 + q, w);
       for (int i = 0; i < kStep; ++i)
         for (int m = 0; m < MR; ++m) {
-          const __m512 zero = _mm512_setzero_ps();
-          even[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, lo[m], w[i]), s, even[m][q + i]);
-          odd[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, hi[m], w[i]), s, odd[m][q + i]);
+          even[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, a.lo[m], w[i]), s, even[m][q + i]);
+          odd[m][q + i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(zero, a.hi[m], w[i]), s, odd[m][q + i]);
         }
     }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int q = 0; q < QB; ++q) {
-      float* c = C + m * ldc + 2 * q;
-      const float e = _mm512_reduce_add_ps(even[m][q]), o = _mm512_reduce_add_ps(odd[m][q]);
-      c[0] = accumulate ? c[0] + e : e;
-      c[1] = accumulate ? c[1] + o : o;
-    }
+  });
 }
 
-template <int MR, class Format>
+template <int MR, bool kExact, class Format>
 void gemm_codes_t_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
                        int64_t q0, int64_t nq, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
-  constexpr int QB = MR == 1 ? 8 : MR == 2 ? 4 : 2;  // 2 MR QB sums, A's and the decoding fit the 32 zmm
+  // 2 MR QB sums, A's and the decoding fit the 32 zmm (the exact blocks run 1 or 2 rows)
+  constexpr int QB = MR == 1 ? 8 : MR == 2 || kExact ? 4 : 2;
   const uint8_t* panel0 = src.data + first_panel * src.panel_bytes;
-  for (int64_t q = 0; q < nq; q += QB)
-    gemm_codes_t_block<MR, QB>(f, panel0, panel_step * src.panel_bytes, src.scale_offset, np, q0 + q, A, lda,
-                               C + 2 * q, ldc, accumulate);
-}
-
-template <int MR, class Format>
-void gemm_codes_t_exact_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step,
-                             int64_t np, int64_t q0, int64_t nq, const bf16* A, int64_t lda, float* C, int64_t ldc,
-                             bool accumulate) {
-  constexpr int QB = MR == 1 ? 8 : 4;
-  const uint8_t* panel0 = src.data + first_panel * src.panel_bytes;
-  for (int64_t q = 0; q < nq; q += QB)
-    gemm_codes_t_exact_block<MR, QB>(f, panel0, panel_step * src.panel_bytes, src.scale_offset, np, q0 + q, A, lda,
-                                     C + 2 * q, ldc, accumulate);
+  const int64_t distance = panel_step * src.panel_bytes;
+  for (int64_t q = 0; q < nq; q += QB) {
+    if constexpr (kExact)
+      gemm_codes_t_exact_block<MR, QB>(f, panel0, distance, src.scale_offset, np, q0 + q, A, lda, C + 2 * q, ldc,
+                                       accumulate);
+    else
+      gemm_codes_t_block<MR, QB>(f, panel0, distance, src.scale_offset, np, q0 + q, A, lda, C + 2 * q, ldc,
+                                 accumulate);
+  }
 }
 
 void gemm_codes_t_avx512(const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np, int64_t q0,
@@ -467,15 +434,15 @@ void gemm_codes_t_avx512(const QuantPanels& src, int64_t first_panel, int64_t pa
       };
       using F = std::decay_t<decltype(f)>;
       if (exact)
-        n == 1 ? run(gemm_codes_t_exact_rows<1, F>) : run(gemm_codes_t_exact_rows<2, F>);
+        n == 1 ? run(gemm_codes_t_rows<1, true, F>) : run(gemm_codes_t_rows<2, true, F>);
       else if (n == 1)
-        run(gemm_codes_t_rows<1, F>);
+        run(gemm_codes_t_rows<1, false, F>);
       else if (n == 2)
-        run(gemm_codes_t_rows<2, F>);
+        run(gemm_codes_t_rows<2, false, F>);
       else if (n == 3)
-        run(gemm_codes_t_rows<3, F>);
+        run(gemm_codes_t_rows<3, false, F>);
       else
-        run(gemm_codes_t_rows<4, F>);
+        run(gemm_codes_t_rows<4, false, F>);
     }
   });
 }

@@ -444,17 +444,21 @@ bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np,
   if (backward == BackwardWeights::resident) return false;
   const Gemm f = g == Gemm::down_t ? Gemm::down : Gemm::gate_up;
   const int64_t q0 = p0 * kPanelCols / 2, nq = np * kPanelCols / 2, panels = layout(f).panels;
+  // product(first, step, n, a, accumulate) over the forward panels first, first + step, ... (n of them):
+  // down's all take A; gate's (even) take dg, up's (odd) du.
+  auto transposed = [&](auto&& product) {
+    if (f == Gemm::down) return product(0, 1, panels, A, false);
+    product(0, 2, panels / 2, A, false);
+    product(1, 2, panels / 2, A + Ip, true);
+  };
   if (storage != Storage::bf16 && ks.gemm_codes_t) {  // decoded in registers: no copy to store and reload
     const QuantPanels q = quant_panels(f, e);
     // by code * scale itself where the forward multiplied by it (forward_from_codes): the gradient of the
     // function the forward computed
     const bool exact = ks.gemm_codes && rows <= codes_rows_limit(storage);
-    if (f == Gemm::down) {
-      ks.gemm_codes_t(q, 0, 1, panels, q0, nq, A, lda, rows, C, ldc, false, exact);
-    } else {  // gate's panels (even) take dg, up's (odd) du
-      ks.gemm_codes_t(q, 0, 2, panels / 2, q0, nq, A, lda, rows, C, ldc, false, exact);
-      ks.gemm_codes_t(q, 1, 2, panels / 2, q0, nq, A + Ip, lda, rows, C, ldc, true, exact);
-    }
+    transposed([&](int64_t first, int64_t step, int64_t n, const bf16* a, bool accumulate) {
+      ks.gemm_codes_t(q, first, step, n, q0, nq, a, lda, rows, C, ldc, accumulate, exact);
+    });
     return true;
   }
   const bf16* B = buffer;  // the panels' pair-rows [q0, q0 + nq)
@@ -464,12 +468,9 @@ bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np,
   else
     ks.decode_panels(quant_panels(f, e), 0, 1, panels, q0, nq, buffer, stride);
   const bool stream = storage == Storage::bf16;
-  if (f == Gemm::down) {
-    ks.gemm_t(A, lda, rows, B, stride, panels, nq, C, ldc, false, stream);
-  } else {  // gate's panels (even) take dg, up's (odd) du
-    ks.gemm_t(A, lda, rows, B, 2 * stride, panels / 2, nq, C, ldc, false, stream);
-    ks.gemm_t(A + Ip, lda, rows, B + stride, 2 * stride, panels / 2, nq, C, ldc, true, stream);
-  }
+  transposed([&](int64_t first, int64_t step, int64_t n, const bf16* a, bool accumulate) {
+    ks.gemm_t(a, lda, rows, B + first * stride, step * stride, n, nq, C, ldc, accumulate, stream);
+  });
   return true;
 }
 

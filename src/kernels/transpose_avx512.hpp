@@ -86,36 +86,31 @@ void transpose_panels_avx512(const bf16* src, int64_t src_panel_distance, int64_
   }
 }
 
-// gemm_t (kernels.hpp): MR rows x QB pair-rows of C at a time, over all panels. A's 16 values of a panel
-// go in as (a, 0) and (0, a) pairs, so that VDPBF16PS takes the even and the odd element of each B pair
-// apart: lane j of a sum collects column j of every panel; the lanes are added at the end.
-template <int MR, int QB>
-void gemm_t_block(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t np, float* C, int64_t ldc,
-                  bool accumulate, bool stream) {
-  __m512 even[MR][QB], odd[MR][QB];
-  for (int m = 0; m < MR; ++m)
-    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
-    const bf16* b = B + p * panel_stride;
-    if (stream) {  // the panel's pair-rows of the next block, into L2 (a T=16 bf16 backward 10% faster)
-      const char* next = reinterpret_cast<const char*>(b + QB * 2 * kPanelCols);
-      for (int q = 0; q < QB; ++q) _mm_prefetch(next + 64 * q, _MM_HINT_T1);
-    }
-    __m512bh lo[MR], hi[MR];
+// A's 16 values of panel p in each of MR rows as (a, 0) and (0, a) pairs, so that VDPBF16PS with a B row
+// takes the even and the odd element of each B pair apart.
+template <int MR>
+struct PanelPairs {
+  __m512bh lo[MR], hi[MR];
+  PanelPairs(const bf16* A, int64_t lda, int64_t p) {
     for (int m = 0; m < MR; ++m) {
       const bf16* row = A + m * lda + p * kPanelCols;
       const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
       lo[m] = (__m512bh)a;
       hi[m] = (__m512bh)_mm512_slli_epi32(a, 16);
     }
-    for (int q = 0; q < QB; ++q) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(b + q * 2 * kPanelCols);
-      for (int m = 0; m < MR; ++m) {
-        even[m][q] = _mm512_dpbf16_ps(even[m][q], lo[m], w);
-        odd[m][q] = _mm512_dpbf16_ps(odd[m][q], hi[m], w);
-      }
-    }
   }
+};
+
+// The product with the forward panels' transpose of MR rows and QB pair-rows of C, over np panels (gemm_t,
+// gemm_codes_t): panel(p, a, even, odd) adds panel p's products to the sums, lane j of which collects
+// column j of every panel; the lanes are added at the end. (Inlined: the sums stay in registers.)
+template <int MR, int QB, class PanelFn>
+[[gnu::always_inline]] inline void transposed_block(const bf16* A, int64_t lda, int64_t np, float* C, int64_t ldc,
+                                                    bool accumulate, PanelFn&& panel) {
+  __m512 even[MR][QB], odd[MR][QB];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < QB; ++q) even[m][q] = odd[m][q] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) panel(p, PanelPairs<MR>(A, lda, p), even, odd);
   for (int m = 0; m < MR; ++m)
     for (int q = 0; q < QB; ++q) {
       float* c = C + m * ldc + 2 * q;
@@ -123,6 +118,27 @@ void gemm_t_block(const bf16* A, int64_t lda, const bf16* B, int64_t panel_strid
       c[0] = accumulate ? c[0] + e : e;
       c[1] = accumulate ? c[1] + o : o;
     }
+}
+
+// gemm_t (kernels.hpp) on bf16 panels.
+template <int MR, int QB>
+void gemm_t_block(const bf16* A, int64_t lda, const bf16* B, int64_t panel_stride, int64_t np, float* C, int64_t ldc,
+                  bool accumulate, bool stream) {
+  transposed_block<MR, QB>(A, lda, np, C, ldc, accumulate, [&](int64_t p, const PanelPairs<MR>& a, auto& even,
+                                                               auto& odd) {
+    const bf16* b = B + p * panel_stride;
+    if (stream) {  // the panel's pair-rows of the next block, into L2 (a T=16 bf16 backward 10% faster)
+      const char* next = reinterpret_cast<const char*>(b + QB * 2 * kPanelCols);
+      for (int q = 0; q < QB; ++q) _mm_prefetch(next + 64 * q, _MM_HINT_T1);
+    }
+    for (int q = 0; q < QB; ++q) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(b + q * 2 * kPanelCols);
+      for (int m = 0; m < MR; ++m) {
+        even[m][q] = _mm512_dpbf16_ps(even[m][q], a.lo[m], w);
+        odd[m][q] = _mm512_dpbf16_ps(odd[m][q], a.hi[m], w);
+      }
+    }
+  });
 }
 
 // Pair-rows per block of MR rows: 2 MR QB sums, 2 MR A registers and the B row fit the 32 zmm.
