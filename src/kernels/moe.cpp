@@ -56,6 +56,33 @@ struct ExpertBlocks {
   }
 };
 
+// A task of a forward GEMM phase: panels [p0, p0 + np) of active slot `slot`, its results in rows of ldc floats.
+struct ColumnTask {
+  int64_t slot, p0, np, ldc;
+};
+
+// Panels per task of an expert whose few rows multiply straight from its codes (PackedExperts::streams_codes),
+// where gemm_codes runs each of its 6 streams on over 4 consecutive panels: a task's start costs the
+// prefetchers a ramp on every stream, and a 6-panel task of 8-bit codes is only 72 KiB (down) to 192 KiB
+// (gate/up). T=16 forward of the bench layer against 6-panel tasks, same process: int8 and fp8_block 13-14%
+// faster with fp32 LoRA, 4-10% without; the 4-bit formats 0-4%. Its rows (at most kFewRows) fit the scratch
+// of a 64-row, 6-panel task.
+constexpr int64_t kCodesTaskPanels = 4 * kPanelsPerBlock;
+static_assert(kFewRows * kCodesTaskPanels <= kRowBlock * kPanelsPerBlock);
+
+// The tasks of a forward GEMM of `panels` panels over the active experts: kPanelsPerBlock panels each,
+// kCodesTaskPanels where long_tasks(slot). Both even, so gate and up panel pairs stay whole.
+template <class Long>
+std::vector<ColumnTask> column_tasks(const ExpertBlocks& blocks, int64_t panels, Long&& long_tasks) {
+  std::vector<ColumnTask> tasks;
+  for (int64_t slot = 0; slot < blocks.experts(); ++slot) {
+    const int64_t per_task = long_tasks(slot) ? kCodesTaskPanels : kPanelsPerBlock;
+    for (int64_t p0 = 0; p0 < panels; p0 += per_task)
+      tasks.push_back({slot, p0, std::min(per_task, panels - p0), per_task * kPanelCols});
+  }
+  return tasks;
+}
+
 // C[rows][16*np] = A[rows][K] * B (np panels of layout l).
 void gemm_rows(const KernelSet& ks, const bf16* A, int64_t lda, int64_t rows, const bf16* B, const PanelLayout& l,
                int np, float* C, int64_t ldc, PrefetchStream* prefetch = nullptr) {
@@ -454,9 +481,10 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     ExpertBlocks blocks;
     std::unique_ptr<LoraPanels> lora;
     int64_t scratch_per_thread, operand_per_thread;
+    std::vector<ColumnTask> gate_up_tasks, down_tasks;
   };
   auto ws =
-      std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0});
+      std::make_shared<Workspace>(Workspace{{}, {}, {}, {}, {}, ExpertBlocks(cache->plan, poff), {}, 0, 0, {}, {}});
   if (part != Part::down) ws->xa = Buffer<bf16>(size_t(M * Hp), Memory::workspace);
   if (part != Part::gate_up) ws->ha = Buffer<bf16>(size_t(M * Ip), Memory::workspace);
   if (part != Part::gate_up) ws->o = Buffer<float>(size_t(cache->plan.routes * H), Memory::workspace);
@@ -477,8 +505,16 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
   const int64_t n_blocks = ws->blocks.size();
   const int64_t n_lora = lora ? n_active : 0;
   const int64_t i_panels = ceil_div(I, kPanelCols);
-  const int64_t i_chunks = ceil_div(i_panels, kPanelsPerBlock / 2);  // 3 gate + 3 up panels per task
-  const int64_t h_chunks = ceil_div(weights->layout(Gemm::down).panels, kPanelsPerBlock);
+  {
+    const ExpertBlocks& blocks = ws->blocks;
+    const LoraPanels* lp = ws->lora.get();
+    auto long_tasks = [&](int64_t slot) {
+      return blocks.few_rows(slot) && weights->streams_codes(blocks[blocks.first[slot]].real, ks) &&
+             (!lp || lp->direct(slot));  // a packed LoRA expand takes at most kPanelsPerBlock panels
+    };
+    ws->gate_up_tasks = column_tasks(blocks, 2 * i_panels, long_tasks);  // gate and up panels alternate
+    ws->down_tasks = column_tasks(blocks, weights->layout(Gemm::down).panels, long_tasks);
+  }
   const int64_t x_chunks = a.save_for_backward && part != Part::down ? ceil_div(T, kTokenBlock) : 0;
   const int64_t t_chunks = ceil_div(T, kTokenBlock);
 
@@ -544,37 +580,36 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     // 3. Gate and up (+ s Bg a_g, s Bu a_u, + biases), then h = the variant's act(g) * u (or act(u))
     //    straight from the accumulators. One task per (expert, column chunk), over all of the
     //    expert's rows: B is read once. The gate_up part writes g, u out per slot instead.
-    if (part != Part::down) wk.for_each(n_active * i_chunks, [&](int64_t task) {
-      const int64_t slot = task / i_chunks;
-      const int64_t j0 = kPanelsPerBlock / 2 * (task % i_chunks);
-      const int64_t pairs = std::min<int64_t>(kPanelsPerBlock / 2, i_panels - j0);
+    if (part != Part::down) wk.for_each(int64_t(w.gate_up_tasks.size()), [&](int64_t task) {
+      const ColumnTask& t = w.gate_up_tasks[task];
+      const int64_t slot = t.slot, j0 = t.p0 / 2, pairs = t.np / 2, ldc = t.ldc;
       const bf16* B = task_operand(Gemm::gate_up, slot, 2 * j0, 2 * pairs);
       const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
                                               2 * pairs, wk.tid())
                             : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), B, operand,
-                     w.xa.data() + b.prow * Hp, Hp, b.rows, b.real, scratch, kColBlock);
+                     w.xa.data() + b.prow * Hp, Hp, b.rows, b.real, scratch, ldc);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
-          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, 2 * j0, int(2 * pairs), LB, scratch, kColBlock);
+          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, 2 * j0, int(2 * pairs), LB, scratch, ldc);
         for (int64_t jj = 0; jj < pairs; ++jj) {
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
           float* cu = cg + kPanelCols;
-          add_bias_rows(cg, kColBlock, b.real, V.gate_bias ? V.gate_bias + b.e * I + col : nullptr, n);
-          add_bias_rows(cu, kColBlock, b.real, V.up_bias ? V.up_bias + b.e * I + col : nullptr, n);
+          add_bias_rows(cg, ldc, b.real, V.gate_bias ? V.gate_bias + b.e * I + col : nullptr, n);
+          add_bias_rows(cu, ldc, b.real, V.up_bias ? V.up_bias + b.e * I + col : nullptr, n);
           if (part == Part::gate_up) {
             for (int64_t i = 0; i < b.real; ++i) {
               float* out = a.gate_up_out + int64_t(plan.route_slot[b.route0 + i]) * 2 * I + col;
-              std::memcpy(out, cg + i * kColBlock, n * sizeof(float));
-              std::memcpy(out + I, cu + i * kColBlock, n * sizeof(float));
+              std::memcpy(out, cg + i * ldc, n * sizeof(float));
+              std::memcpy(out + I, cu + i * ldc, n * sizeof(float));
             }
             continue;
           }
           for (int64_t i = 0; i < b.rows; ++i) {
             const bool keep = a.save_for_backward && i < b.real;
             const int64_t route = b.route0 + i;
-            epilogue(V, cg + i * kColBlock, cu + i * kColBlock, n, keep ? c.g.data() + route * I + col : nullptr,
+            epilogue(V, cg + i * ldc, cu + i * ldc, n, keep ? c.g.data() + route * I + col : nullptr,
                      keep ? c.u.data() + route * I + col : nullptr, w.ha.data() + (b.prow + i) * Ip + col);
           }
         }
@@ -596,22 +631,21 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
       });
 
     // 5. Down (+ s Bd a_d, + bias): one unweighted output row per route; tasks as in 3.
-    if (part != Part::gate_up) wk.for_each(n_active * h_chunks, [&](int64_t task) {
-      const int64_t slot = task / h_chunks;
-      const int64_t p0 = (task % h_chunks) * kPanelsPerBlock;
-      const PanelLayout& L = W.layout(Gemm::down);
-      const int np = int(std::min(kPanelsPerBlock, L.panels - p0));
+    if (part != Part::gate_up) wk.for_each(int64_t(w.down_tasks.size()), [&](int64_t task) {
+      const ColumnTask& t = w.down_tasks[task];
+      const int64_t slot = t.slot, p0 = t.p0, ldc = t.ldc;
+      const int np = int(t.np);
       const bf16* B = task_operand(Gemm::down, slot, p0, np);
       const int64_t col = p0 * kPanelCols, n = std::min<int64_t>(np * kPanelCols, H - col);
       const bf16* LB =
           lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandDown, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
         forward_gemm(ks, W, Gemm::down, b.e, p0, np, B, operand, w.ha.data() + b.prow * Ip, Ip, b.rows, b.real,
-                     scratch, kColBlock);
-        if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandDown, slot, b, p0, np, LB, scratch, kColBlock);
-        add_bias_rows(scratch, kColBlock, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
+                     scratch, ldc);
+        if (lora) lora_expand(ks, *w.lora, LoraPanels::kExpandDown, slot, b, p0, np, LB, scratch, ldc);
+        add_bias_rows(scratch, ldc, b.real, V.down_bias ? V.down_bias + b.e * H + col : nullptr, n);
         for (int64_t i = 0; i < b.real; ++i)
-          std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * kColBlock, n * sizeof(float));
+          std::memcpy(w.o.data() + (b.route0 + i) * H + col, scratch + i * ldc, n * sizeof(float));
       });
     });
 

@@ -431,9 +431,13 @@ PackedExperts::OperandView PackedExperts::forward_operand(Gemm g, int64_t e, int
   return {buffer, nq * 2 * kPanelCols};
 }
 
+bool PackedExperts::streams_codes(int64_t rows, const KernelSet& ks) const {
+  return storage != Storage::bf16 && ks.gemm_codes && rows <= codes_rows_limit(storage);
+}
+
 bool PackedExperts::forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda,
                                        int64_t rows, float* C, int64_t ldc, const KernelSet& ks) const {
-  if (storage == Storage::bf16 || !ks.gemm_codes || rows > codes_rows_limit(storage)) return false;
+  if (!streams_codes(rows, ks)) return false;
   ks.gemm_codes(quant_panels(g, e), p0, np, layout(g).Kp / 2, A, lda, rows, C, ldc);
   return true;
 }
@@ -455,7 +459,7 @@ bool PackedExperts::backward_from_forward(Gemm g, int64_t e, int64_t p0, int np,
     const QuantPanels q = quant_panels(f, e);
     // by code * scale itself where the forward multiplied by it (forward_from_codes): the gradient of the
     // function the forward computed
-    const bool exact = ks.gemm_codes && rows <= codes_rows_limit(storage);
+    const bool exact = streams_codes(rows, ks);
     transposed([&](int64_t first, int64_t step, int64_t n, const bf16* a, bool accumulate) {
       ks.gemm_codes_t(q, first, step, n, q0, nq, a, lda, rows, C, ldc, accumulate, exact);
     });

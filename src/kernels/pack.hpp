@@ -117,6 +117,8 @@ class PackedExperts {
   // or for more rows than that pays for in this storage (4-bit formats: 16, 8-bit: 4).
   bool forward_from_codes(Gemm g, int64_t e, int64_t p0, int np, const bf16* A, int64_t lda, int64_t rows, float* C,
                           int64_t ldc, const KernelSet& ks) const;
+  // Whether forward_from_codes multiplies `rows` rows (it does for any np).
+  bool streams_codes(int64_t rows, const KernelSet& ks) const;
   // C[rows][16*np] = A x operand(g, e, p0, np) of a backward GEMM g (down_t; gate_up_t, whose A holds
   // dg at [0, Ip) and du at [Ip, 2 Ip)) without the transposed operand: the transpose of the forward
   // panels' pair-rows that those columns are (ks.gemm_t), straight from the packed bf16 weights or decoded
