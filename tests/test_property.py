@@ -1,7 +1,8 @@
 """Property-based test (hypothesis): random problems against the float32 reference on every ISA path.
 
 Each example draws the sizes (H, I from 32 up, rarely multiples of 16/32; T from 1), experts per
-token (more than E too: duplicate ids), -1 slots, LoRA rank (0 = no LoRA, 2 and up), the dtypes
+token (more than E too: duplicate ids), -1 slots, LoRA rank (0 = no LoRA, 2 and up), the storage of the
+base weights (bf16 half the time, else a quantized format checked on its dequantize()'d values), the dtypes
 (x bf16/fp32, base weights fp32/bf16, LoRA fp32/bf16, w fp32/bf16, gy bf16/fp32) and each input's
 layout (contiguous, transposed, strided, or a numpy array where numpy has the dtype), runs forward
 and backward, and checks every output against the reference with MATH.md's tolerances.
@@ -12,6 +13,11 @@ they are few dot products: with a LoRA at T = 1 (an expert's dAg[e] = s (Bg^T dg
 product with an r-vector of dot products over I, meaningless relatively near zero, like dw) about
 7% of random problems fail; at rank 1 or H, I below 32 the tail also reaches 1e-2 now and then.
 MATH.md bounds only dw by the magnitudes so far; hence here: with a LoRA, T >= 16 E and r >= 2.
+One more tail, seen once in four fresh runs of 2000 examples per path: dw's plain relative error at 1.1%
+(its magnitude bound at 0.16%) for E=1, k=6, T=16 with int4_group weights, where every slot repeats the
+one expert and the T*k = 96 pairs that MATH.md's relative bound counts are 16 distinct dot products. A
+bf16 state of the same dequantized values gives the same error on every path: the kernels agree with
+themselves; how MATH.md's T*k >= 64 rule counts repeated slots is open (with the dw question above).
 CI runs a fixed (derandomized) set of examples per path; KT_HYPOTHESIS_EXAMPLES=N runs N fresh
 random examples per path instead. amx_emulated (a C++ model of the tile unit) is the slowest path:
 its shapes are kept small.
@@ -80,6 +86,7 @@ def problems(draw, isa: str):
         x_dtype=draw(st.sampled_from([torch.bfloat16, torch.float32])),
         weight_dtype=draw(st.sampled_from([torch.bfloat16, torch.float32])),
         lora_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        storage=draw(st.sampled_from(["bf16", "bf16", "bf16", "int8", "fp8_block", "int4_group", "mxfp4"])),
         w_dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
         gy_dtype=draw(st.sampled_from([torch.bfloat16, torch.float32])),
         layouts={name: draw(st.sampled_from(LAYOUTS)) for name in ("x", "ids", "w", "gy", "lora")},
@@ -133,7 +140,9 @@ def _check(isa: str, p: dict):
     K = ktf()
     gate, up, down, x, ids, w, gy, lora = _make(p)
     layouts = p["layouts"]
-    weights = K.ExpertWeights.from_tensors(gate, up, down, threads=2)
+    weights = K.ExpertWeights.from_tensors(gate, up, down, threads=2, storage=p["storage"])
+    if p["storage"] != "bf16":  # the reference multiplies by the values the kernels do (MATH.md)
+        gate, up, down = weights.dequantize()
     lora_obj = None
     if lora is not None:
         lora_layout = "contiguous" if layouts["lora"] == "numpy" else layouts["lora"]
