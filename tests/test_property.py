@@ -2,7 +2,7 @@
 
 Each example draws the sizes (H, I from 32 up, rarely multiples of 16/32; T from 1), experts per
 token (more than E too: duplicate ids), -1 slots, LoRA rank (0 = no LoRA, 2 and up), the storage of the
-base weights (bf16 half the time, else a quantized format checked on its dequantize()'d values), the dtypes
+base weights (bf16 in 3 draws of 7, else a quantized format checked on its dequantize()'d values), the dtypes
 (x bf16/fp32, base weights fp32/bf16, LoRA fp32/bf16, w fp32/bf16, gy bf16/fp32) and each input's
 layout (contiguous, transposed, strided, or a numpy array where numpy has the dtype), runs forward
 and backward, and checks every output against the reference with MATH.md's tolerances.

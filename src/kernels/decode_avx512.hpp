@@ -302,8 +302,7 @@ constexpr int kCodesRows = 4;
 
 // The np panels as kPanels streams of consecutive panels (stream s: panels [s L, (s + 1) L), L = ceil(np /
 // kPanels)), each block one panel further on every stream: a stream reads on where its previous panel
-// ended, so the prefetchers stay on it (restarting 6 streams every 16 KiB panel of int4_group codes cost
-// ~15% of two cores' bandwidth).
+// ended, so the prefetchers stay on it (the forward's long tasks, moe.cpp kCodesTaskPanels).
 template <int MR, class Format, size_t... NP>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc, std::index_sequence<NP...>) {
@@ -315,7 +314,8 @@ void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_pane
   for (int i = 0; i < length; ++i) {
     const uint8_t* panels[kPanels];
     int n = 0;  // the streams with a panel at step i: a prefix of them
-    for (; n < kPanels && n * length + i < np; ++n) panels[n] = src.data + (first_panel + n * length + i) * src.panel_bytes;
+    for (; n < kPanels && n * length + i < np; ++n)
+      panels[n] = src.data + (first_panel + n * length + i) * src.panel_bytes;
     blocks[n - 1](f, panels, src.scale_offset, A, lda, kpairs, C + i * kPanelCols, length * kPanelCols, ldc);
   }
 }

@@ -582,16 +582,16 @@ std::shared_ptr<Job> make_forward_job(std::shared_ptr<const PackedExperts> weigh
     //    expert's rows: B is read once. The gate_up part writes g, u out per slot instead.
     if (part != Part::down) wk.for_each(int64_t(w.gate_up_tasks.size()), [&](int64_t task) {
       const ColumnTask& t = w.gate_up_tasks[task];
-      const int64_t slot = t.slot, j0 = t.p0 / 2, pairs = t.np / 2, ldc = t.ldc;
-      const bf16* B = task_operand(Gemm::gate_up, slot, 2 * j0, 2 * pairs);
-      const bf16* LB = lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, 2 * j0,
-                                              2 * pairs, wk.tid())
-                            : nullptr;
+      const int64_t slot = t.slot, p0 = t.p0, ldc = t.ldc, j0 = p0 / 2, pairs = t.np / 2;  // gate/up panel pairs
+      const int np = int(t.np);
+      const bf16* B = task_operand(Gemm::gate_up, slot, p0, np);
+      const bf16* LB =
+          lora ? w.lora->operand(ks, slot, plan.active[slot], LoraPanels::kExpandGateUp, p0, np, wk.tid()) : nullptr;
       w.blocks.for_expert(slot, [&](const RowBlock& b) {
-        forward_gemm(ks, W, Gemm::gate_up, b.e, 2 * j0, int(2 * pairs), B, operand,
-                     w.xa.data() + b.prow * Hp, Hp, b.rows, b.real, scratch, ldc);
+        forward_gemm(ks, W, Gemm::gate_up, b.e, p0, np, B, operand, w.xa.data() + b.prow * Hp, Hp, b.rows, b.real,
+                     scratch, ldc);
         if (lora)  // + s Bg a_g, s Bu a_u: a few more K steps on the same tiles
-          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, 2 * j0, int(2 * pairs), LB, scratch, ldc);
+          lora_expand(ks, *w.lora, LoraPanels::kExpandGateUp, slot, b, p0, np, LB, scratch, ldc);
         for (int64_t jj = 0; jj < pairs; ++jj) {
           const int64_t col = (j0 + jj) * kPanelCols, n = std::min<int64_t>(kPanelCols, I - col);
           float* cg = scratch + 2 * jj * kPanelCols;
