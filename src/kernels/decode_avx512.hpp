@@ -50,6 +50,13 @@ inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<con
 constexpr int64_t kScaleGroupsAhead = 4;
 inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
+// Sequential streams one core reads at once. A 4-bit panel is two (its codes, and its scales every 16
+// pair-rows), so 6 panels in lock-step made 12, and in some phases of the host's memory load the
+// prefetchers lost them: T=16 forward of the bench layer, same process, blocks of 3 panels (6 streams)
+// against 6 were int4_group 28-34% and mxfp4 32-40% faster in two runs, within 2% either way in five others;
+// 2 panels (4 streams) were 16% slower than 3, 4 panels 4% slower.
+constexpr int kStreamsPerCore = 6;
+
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // A pair-row of 32 e4m3fn codes as `factor` * 2^-120 times their values, elements 0..15 in lo and
@@ -73,7 +80,7 @@ inline void fp8_row(const uint8_t* p, float factor, __m512& lo, __m512& hi) {
 // every code's value is a bf16; the scales multiply the fp32 sums of a group instead).
 struct Int8Format {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
-  static constexpr int kStep = 1;
+  static constexpr int kStep = 1, kStreamsPerPanel = 1;
   static __m512 column_scales(const uint8_t* s, int64_t) { return _mm512_loadu_ps(reinterpret_cast<const float*>(s)); }
   static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(column_scales(s, group)); }
   static int64_t scale_bytes(int64_t) { return 0; }
@@ -91,7 +98,7 @@ struct Int8Format {
 
 struct Fp8BlockFormat {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
-  static constexpr int kStep = 1;
+  static constexpr int kStep = 1, kStreamsPerPanel = 1;  // a 4-byte scale per 2 KiB of codes: no stream
   // codes() gives 2^8 times the values: the scales carry the 2^-8 back (exact).
   static __m512 column_scales(const uint8_t* s, int64_t group) {
     return _mm512_set1_ps(reinterpret_cast<const float*>(s)[group] * 0x1p-8f);
@@ -123,7 +130,7 @@ struct Fp8BlockFormat {
 // 64-byte block whose 16-bit word i holds element i of pair-row 4b + j in bits 4j..4j+3 (kernels.hpp).
 struct FourBitFormat {
   static constexpr int64_t kRowBytes = 16, kGroupPairs = 16;  // one scale per (32 rows, column)
-  static constexpr int kStep = 4;
+  static constexpr int kStep = 4, kStreamsPerPanel = 2;  // codes, and 32 bytes of scales per 256 of them
   Storage storage;
   ScaleType type;
   __m512 table;
@@ -194,8 +201,9 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
   }
 }
 
-// Up to kStreams panels at a time.
-constexpr int kStreams = 6;
+// Panels a decoder or gemm_codes block reads in lock-step.
+template <class Format>
+constexpr int kStreamPanels = kStreamsPerCore / Format::kStreamsPerPanel;
 
 inline FourBitFormat four_bit_format(const QuantPanels& src) {
   if (src.storage == Storage::int4_group)  // two's complement
@@ -205,9 +213,13 @@ inline FourBitFormat four_bit_format(const QuantPanels& src) {
                         0.5f, 0.0f)};
 }
 
-template <class Format>
+// np panels, kStreams = sizeof...(N) at a time.
+template <class Format, size_t... N>
 void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
-                   int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride) {
+                   int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride, std::index_sequence<N...>) {
+  using StreamsFn = void (*)(const Format&, const QuantPanels&, const uint8_t* const*, int64_t, int64_t, bf16* const*);
+  static constexpr StreamsFn streams[] = {decode_streams<int(N) + 1, Format>...};  // 1 .. kStreams panels
+  constexpr int kStreams = sizeof...(N);
   for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
     const int n = int(std::min<int64_t>(kStreams, np - j0));
     const uint8_t* panels[kStreams];
@@ -216,15 +228,15 @@ void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel,
       panels[j] = src.data + (first_panel + (j0 + j) * panel_step) * src.panel_bytes;
       out[j] = dst + (j0 + j) * dst_panel_stride;
     }
-    switch (n) {
-      case 1: decode_streams<1>(f, src, panels, q0, nq, out); break;
-      case 2: decode_streams<2>(f, src, panels, q0, nq, out); break;
-      case 3: decode_streams<3>(f, src, panels, q0, nq, out); break;
-      case 4: decode_streams<4>(f, src, panels, q0, nq, out); break;
-      case 5: decode_streams<5>(f, src, panels, q0, nq, out); break;
-      default: decode_streams<6>(f, src, panels, q0, nq, out); break;
-    }
+    streams[n - 1](f, src, panels, q0, nq, out);
   }
+}
+
+template <class Format>
+void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
+                   int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride) {
+  decode_format(f, src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride,
+                std::make_index_sequence<kStreamPanels<Format>>());
 }
 
 // fn(the format functor of src's storage).
@@ -296,8 +308,10 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
     for (int p = 0; p < NP; ++p) _mm512_storeu_ps(C + m * ldc + p * c_panel_stride, total[m][p]);
 }
 
-// Panels per block of MR rows: 2 MR NP accumulators, the broadcast pairs and the decoded rows fit the 32 zmm.
-constexpr int codes_panels(int mr) { return mr <= 2 ? 6 : mr == 3 ? 4 : 3; }
+// Panels per block of MR rows: 2 MR NP accumulators, the broadcast pairs and the decoded rows fit the 32 zmm,
+// and the block's streams the prefetcher (kStreamPanels).
+template <class Format>
+constexpr int codes_panels(int mr) { return std::min(mr <= 2 ? 6 : mr == 3 ? 4 : 3, kStreamPanels<Format>); }
 constexpr int kCodesRows = 4;
 
 // The np panels as kPanels streams of consecutive panels (stream s: panels [s L, (s + 1) L), L = ceil(np /
@@ -306,7 +320,7 @@ constexpr int kCodesRows = 4;
 template <int MR, class Format, size_t... NP>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc, std::index_sequence<NP...>) {
-  constexpr int kPanels = codes_panels(MR);
+  constexpr int kPanels = codes_panels<Format>(MR);
   using BlockFn =
       void (*)(const Format&, const uint8_t* const*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t, int64_t);
   static constexpr BlockFn blocks[] = {gemm_codes_block<MR, int(NP) + 1, Format>...};  // 1 .. kPanels panels
@@ -323,7 +337,7 @@ void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_pane
 template <int MR, class Format>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc) {
-  gemm_codes_rows<MR>(f, src, first_panel, np, kpairs, A, lda, C, ldc, std::make_index_sequence<codes_panels(MR)>());
+  gemm_codes_rows<MR>(f, src, first_panel, np, kpairs, A, lda, C, ldc, std::make_index_sequence<codes_panels<Format>(MR)>());
 }
 
 template <class Format>
