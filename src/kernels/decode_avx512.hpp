@@ -40,9 +40,15 @@ inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
 }
 
 // The hardware prefetcher alone leaves the decoder latency-bound: each stream also asks for the line
-// kPrefetchBytes ahead.
-constexpr int64_t kPrefetchBytes = 1024;
-inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
+// kPrefetchBytes ahead into L1 and the one kPrefetchL2Bytes ahead into L2, which keeps more lines in
+// flight than L1 prefetches alone (T0 2 KiB ahead instead of 1: 2% slower). T=16 forward of the bench
+// layer, same process, against the L1 prefetch alone: int4_group 4-12% and mxfp4 6-18% faster in six
+// runs, int8 and fp8_block 0-4%; the L2 prefetch 2 to 4 KiB ahead within 3%, 6 to 12 KiB no better.
+constexpr int64_t kPrefetchBytes = 1024, kPrefetchL2Bytes = 2048;
+inline void prefetch_ahead(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchL2Bytes, _MM_HINT_T1);
+}
 
 // Scales sit after a panel's codes, a stream of their own too small for the hardware prefetcher to
 // pick up: a scale load missed on every group (a quarter of an int4 decode's time) until each group
