@@ -1,8 +1,8 @@
 """The kernels of experts with few rows and of the per-call LoRA, on each ISA path (the AVX-512 ones on the avx512
 and amx paths, the portable loops elsewhere): the LoRA packer (pack.hpp's pack_panels with lo parts) against an
 independent numpy model of the VNNI panel layout and of the hi / lo split, bitwise, at awkward shapes and values
-(denormals, NaN, infinities); the fp32 LoRA expand (kernels.hpp's expand_f32) and the backward GEMM on the forward
-panels' transpose (gemm_t) against float64."""
+(denormals, NaN, infinities); the fp32 LoRA project and expand (kernels.hpp's project_f32, expand_f32) and the
+backward GEMM on the forward panels' transpose (gemm_t) against float64."""
 
 from __future__ import annotations
 
@@ -72,6 +72,30 @@ def test_lora_packer_matches_layout_model(isa, transpose, K, N, k_offset, step):
     ktf()._core.pack_panels_f32(isa, src.ctypes.data, sk, sn, K, N, Kp, k_offset, step, got.ctypes.data, lo_delta)
     bad = np.flatnonzero(got != want)
     assert bad.size == 0, f"[{isa}] {bad.size} elements differ, first at {bad[:5]}: got {got[bad[:5]]}, want {want[bad[:5]]}"
+
+
+@pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])
+@pytest.mark.parametrize("rows, K, N", [(1, 2048, 16), (2, 768, 16), (3, 33, 5), (4, 16, 1), (5, 100, 17),
+                                        (7, 1, 3), (16, 47, 16)])
+def test_lora_project_f32_matches_float64(isa, transpose, rows, K, N):
+    """C = A x S in fp32 from bf16 A rows (lda past K), S read as the LoRA matrices lie (k contiguous: an A
+    [rank][in], the forward's projects, a sequential stream with its prefetches running past the end; n
+    contiguous: a B [out][rank], the backward's); only C's first N columns written."""
+    rng = np.random.default_rng(rows * 10000 + K * 100 + N + transpose)
+    S = rng.standard_normal((K, N)).astype(np.float32)
+    src = np.ascontiguousarray(S.T) if transpose else np.ascontiguousarray(S)
+    sk, sn = (1, K) if transpose else (N, 1)
+    lda, ldc = K + 7, N + 5
+    A = bf16_bits(rng.standard_normal((rows, lda)).astype(np.float32))
+    C = rng.standard_normal((rows, ldc)).astype(np.float32)
+    want = C.astype(np.float64)
+    a = bf16_values(A)[:, :K].astype(np.float64)
+    want[:, :N] = a @ S.astype(np.float64)
+    ktf()._core.project_f32(isa, A.ctypes.data, lda, rows, src.ctypes.data, sk, sn, K, N, C.ctypes.data, ldc)
+    bound = 4 * (K + 1) * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(S).astype(np.float64))
+    assert np.all(C[:, N:] == want[:, N:]), f"[{isa}] columns past N were written"
+    err = np.abs(C[:, :N] - want[:, :N])
+    assert np.all(err <= bound), f"[{isa}] max error {err.max():.3g} over the fp32 bound"
 
 
 @pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "kernels.hpp"
+#include "prefetch.hpp"
 #include "transpose_avx512.hpp"
 
 // GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpermps, vpmovsxbd, vcvtph2ps,
@@ -37,17 +38,6 @@ struct RowScales {
 
 inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
   _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s.hi), _mm512_mul_ps(lo, s.lo)));
-}
-
-// The hardware prefetcher alone leaves the decoder latency-bound: each stream also asks for the line
-// kPrefetchBytes ahead into L1 and the one kPrefetchL2Bytes ahead into L2, which keeps more lines in
-// flight than L1 prefetches alone (T0 2 KiB ahead instead of 1: 2% slower). T=16 forward of the bench
-// layer, same process, against the L1 prefetch alone: int4_group 4-12% and mxfp4 6-18% faster in six
-// runs, int8 and fp8_block 0-4%; the L2 prefetch 2 to 4 KiB ahead within 3%, 6 to 12 KiB no better.
-constexpr int64_t kPrefetchBytes = 1024, kPrefetchL2Bytes = 2048;
-inline void prefetch_ahead(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchL2Bytes, _MM_HINT_T1);
 }
 
 // Scales sit after a panel's codes, a stream of their own too small for the hardware prefetcher to
@@ -198,7 +188,7 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
     }
     for (; q < end; ++q) {
       for (int j = 0; j < N; ++j) {
-        if (q % kRowsPerLine == 0) prefetch_ahead(panels[j] + q * Format::kRowBytes);
+        if (q % kRowsPerLine == 0) prefetch_stream(panels[j] + q * Format::kRowBytes);
         __m512 lo, hi;
         f.values(panels[j], q, lo, hi);
         store_row(out[j] + (q - q0) * kRow, lo, hi, s[j]);
@@ -296,7 +286,7 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
           a[m][i] = (__m512bh)_mm512_set1_epi32(
               __builtin_bit_cast(int32_t, *reinterpret_cast<const uint32_t*>(A + m * lda + 2 * (q + i))));
       for (int p = 0; p < NP; ++p) {
-        if (q % kRowsPerLine == 0) prefetch_ahead(panels[p] + q * Format::kRowBytes);
+        if (q % kRowsPerLine == 0) prefetch_stream(panels[p] + q * Format::kRowBytes);
         __m512bh b[kStep];
         f.codes(panels[p], q, b);
         for (int i = 0; i < kStep; ++i)

@@ -331,7 +331,8 @@ void weighted_sum(float* out, const float* const* rows, const float* weights, in
 // The table every ISA file exports: its micro-kernel plus the loops above built for it.
 constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn gemm, TransposePanelsFn transpose_panels,
                                    DecodePanelsFn decode_panels, GemmCodesFn gemm_codes, GemmTFn gemm_t,
-                                   GemmCodesTFn gemm_codes_t, PackPanelsFn pack_panels, ExpandF32Fn expand) {
+                                   GemmCodesTFn gemm_codes_t, PackPanelsFn pack_panels, ProjectF32Fn project,
+                                   ExpandF32Fn expand) {
   return KernelSet{isa,
                    mr,
                    row_multiple,
@@ -352,7 +353,7 @@ constexpr KernelSet make_kernel_set(Isa isa, int mr, int row_multiple, GemmFn ge
                      gate_backward<Relu, true>, gate_backward<Relu2, true>}},
                    rank_update,
                    rank_update_t,
-                   project_f32,
+                   project,
                    expand,
                    to_bf16_row,
                    weighted_sum};

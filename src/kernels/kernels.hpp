@@ -46,7 +46,9 @@ using GemmFn = void (*)(const bf16* A, int64_t lda, int64_t rows, const bf16* B,
 struct MatrixView;
 using PackPanelsFn = void (*)(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
                               int64_t panel_step, bf16* dst, int64_t lo_delta);
-// KernelSet::expand_f32.
+// KernelSet::project_f32 and expand_f32.
+using ProjectF32Fn = void (*)(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn,
+                              int64_t K, int64_t N, float* C, int64_t ldc);
 using ExpandF32Fn = void (*)(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
                              int64_t K, int64_t N, float* C, int64_t ldc);
 
@@ -178,8 +180,7 @@ struct KernelSet {
   // C[m][n] = sum_k A[m][k] * S(k, n) in fp32 for m < rows, n < N; S(k, n) = S[k*sk + n*sn] with sk == 1
   // or sn == 1; a fixed order. The LoRA projects of an expert with few rows: each operand is used once,
   // so reading the fp32 matrix straight beats packing it (and keeps it whole, not split in two parts).
-  void (*project_f32)(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
-                      int64_t N, float* C, int64_t ldc);
+  ProjectF32Fn project_f32;
   // C[m][n] += sum_k coef[m][k] * S(k, n) in fp32, S as in project_f32; a fixed order. The LoRA expands
   // of an expert with few rows (the coefficients in fp32, not rounded to bf16).
   ExpandF32Fn expand_f32;

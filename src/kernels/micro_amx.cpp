@@ -109,11 +109,12 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 #if KT_AMX_NATIVE
 extern const KernelSet kAmxKernels = make_kernel_set(Isa::amx, kMr, kMr, gemm, transpose_panels_avx512,
                                                      decode_panels_avx512, gemm_codes_avx512, gemm_t_avx512,
-                                                     gemm_codes_t_avx512, pack_panels_avx512, expand_f32_avx512);
+                                                     gemm_codes_t_avx512, pack_panels_avx512, project_f32_avx512,
+                                                     expand_f32_avx512);
 #else
 extern const KernelSet kAmxEmulatedKernels = make_kernel_set(Isa::amx_emulated, kMr, kMr, gemm, transpose_panels_generic,
                                                                 decode_panels_portable, nullptr, gemm_t, nullptr, pack_panels,
-                                                                expand_f32);
+                                                                project_f32, expand_f32);
 #endif
 
 }  // namespace kt

@@ -61,6 +61,6 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 
 extern const KernelSet kAvx2Kernels = make_kernel_set(Isa::avx2, kMr, 1, gemm, transpose_panels_generic,
                                                       decode_panels_portable, nullptr, gemm_t, nullptr, pack_panels,
-                                                      expand_f32);
+                                                      project_f32, expand_f32);
 
 }  // namespace kt

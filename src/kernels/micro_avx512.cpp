@@ -97,6 +97,7 @@ void gemm(const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel
 
 extern const KernelSet kAvx512Kernels =
     make_kernel_set(Isa::avx512, kMr, 1, gemm, transpose_panels_avx512, decode_panels_avx512, gemm_codes_avx512,
-                    gemm_t_avx512, gemm_codes_t_avx512, pack_panels_avx512, expand_f32_avx512);
+                    gemm_t_avx512, gemm_codes_t_avx512, pack_panels_avx512, project_f32_avx512,
+                    expand_f32_avx512);
 
 }  // namespace kt

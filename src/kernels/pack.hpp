@@ -43,9 +43,11 @@ void pack_panels(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_
 // Test hook: pack_panels of ISA path isa's kernel set on an fp32 matrix (element (k, n) at src[k*sk + n*sn]).
 void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t Kp,
                      int64_t k_offset, int64_t panel_step, bf16* dst, int64_t lo_delta);
-// Test hooks: KernelSet::gemm_t and expand_f32 of ISA path isa.
+// Test hooks: KernelSet::gemm_t, project_f32 and expand_f32 of ISA path isa.
 void gemm_t(Isa isa, const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
             int64_t nq, float* C, int64_t ldc, bool accumulate);
+void project_f32(Isa isa, const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
+                 int64_t N, float* C, int64_t ldc);
 void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
                 int64_t K, int64_t N, float* C, int64_t ldc);
 

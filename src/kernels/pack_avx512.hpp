@@ -1,15 +1,18 @@
 // The fp32 LoRA matrices with AVX-512 F/BW/BF16. pack_panels for fp32 sources with their lo parts (packed
 // per call), where the portable loop was a third of a decode-time forward: bitwise equal to pack_panels
 // (pack.cpp), whose hi and lo parts round as VCVTNE2PS2BF16; whole pair-rows of sources whose k or n is
-// contiguous run here, anything else goes to the portable packer. expand_f32 (kernels.hpp), the direct
-// expands of experts with few rows. Included only by files built with AVX-512 flags; internal linkage.
+// contiguous run here, anything else goes to the portable packer. project_f32 and expand_f32 (kernels.hpp),
+// the direct projects and expands of experts with few rows. Included only by files built with AVX-512
+// flags; internal linkage.
 #pragma once
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "elementwise.hpp"
 #include "pack.hpp"
+#include "prefetch.hpp"
 #include "transpose_avx512.hpp"
 
 // GCC 12 reports the _mm512_undefined_* operand inside some intrinsics (vpmovzxwd, casts) as maybe
@@ -106,6 +109,48 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
       transpose_16x16_epi32(hi);
       transpose_16x16_epi32(lo);
       for (int q = 0; q < nq; ++q) store(rows + (q0 + q) * 2 * kPanelCols, hi[q], lo[q]);
+    }
+  }
+}
+
+// project_f32 (kernels.hpp) where each column of S is contiguous along k (the forward's LoRA A read as
+// [rank][in]): the columns are one sequential stream (prefetch_stream), each read once for up to 4 rows;
+// the same lanes and order as the portable loop (elementwise.hpp). T=16 forward of the bench layer, same
+// process, against the portable loop: the LoRA phases of a direct expert (both projects, with their
+// expands) 7-9% faster on 2 threads, 7-15% on 1; without the prefetch, 1.8x slower than the portable loop.
+template <int MR>
+void project_columns(const bf16* A, int64_t lda, const float* S, int64_t sn, int64_t K, int64_t N, float* C,
+                     int64_t ldc) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* col = S + n * sn;
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      prefetch_stream(col + k);
+      const __m512 s = _mm512_maskz_loadu_ps(mk, col + k);
+      for (int m = 0; m < MR; ++m)
+        acc[m] = _mm512_fmadd_ps(widen(_mm256_maskz_loadu_epi16(mk, A + m * lda + k)), s, acc[m]);
+    }
+    for (int m = 0; m < MR; ++m) {
+      float lanes[16];
+      _mm512_storeu_ps(lanes, acc[m]);
+      C[m * ldc + n] = reduce_lanes(lanes);
+    }
+  }
+}
+
+void project_f32_avx512(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
+                        int64_t N, float* C, int64_t ldc) {
+  if (sk != 1) return project_f32(A, lda, rows, S, sk, sn, K, N, C, ldc);
+  for (int64_t m = 0; m < rows; m += 4) {
+    const bf16* a = A + m * lda;
+    float* c = C + m * ldc;
+    switch (std::min<int64_t>(4, rows - m)) {
+      case 1: project_columns<1>(a, lda, S, sn, K, N, c, ldc); break;
+      case 2: project_columns<2>(a, lda, S, sn, K, N, c, ldc); break;
+      case 3: project_columns<3>(a, lda, S, sn, K, N, c, ldc); break;
+      default: project_columns<4>(a, lda, S, sn, K, N, c, ldc); break;
     }
   }
 }

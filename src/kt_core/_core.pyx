@@ -211,6 +211,13 @@ def pack_panels_f32(str isa not None, uintptr_t src, int64_t sk, int64_t sn, int
                        lo_delta)
 
 
+def project_f32(str isa not None, uintptr_t A, int64_t lda, int64_t rows, uintptr_t S, int64_t sk, int64_t sn,
+                int64_t K, int64_t N, uintptr_t C, int64_t ldc):
+    """Test hook: the fp32 LoRA project of ISA path `isa` (kernels.hpp's project_f32): C[m][n] = sum_k
+    bf16 A[m*lda + k] * S[k*sk + n*sn] (the caller sizes the buffers)."""
+    kt.project_f32(_isa(isa), <const uint16_t*>A, lda, rows, <const float*>S, sk, sn, K, N, <float*>C, ldc)
+
+
 def expand_f32(str isa not None, uintptr_t coef, int64_t ldcoef, int64_t rows, uintptr_t S, int64_t sk, int64_t sn,
                int64_t K, int64_t N, uintptr_t C, int64_t ldc):
     """Test hook: the fp32 LoRA expand of ISA path `isa` (kernels.hpp's expand_f32): C[m][n] += sum_k
