@@ -49,8 +49,8 @@ inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<co
 // Sequential streams one core reads at once. A 4-bit panel is two (its codes, and its scales every 16
 // pair-rows), so 6 panels in lock-step made 12, and in some phases of the host's memory load the
 // prefetchers lost them: T=16 forward of the bench layer, same process, blocks of 3 panels (6 streams)
-// against 6 were int4_group 28-34% and mxfp4 32-40% faster in two runs, within 2% either way in five others;
-// 2 panels (4 streams) were 16% slower than 3, 4 panels 4% slower.
+// against 6 were int4_group 28-34% and mxfp4 32-40% faster in two runs, within 2% either way in five
+// others; 2 panels (4 streams) were 16% slower than 3, 4 panels 4% slower.
 constexpr int kStreamsPerCore = 6;
 
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -333,7 +333,8 @@ void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_pane
 template <int MR, class Format>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc) {
-  gemm_codes_rows<MR>(f, src, first_panel, np, kpairs, A, lda, C, ldc, std::make_index_sequence<codes_panels<Format>(MR)>());
+  gemm_codes_rows<MR>(f, src, first_panel, np, kpairs, A, lda, C, ldc,
+                      std::make_index_sequence<codes_panels<Format>(MR)>());
 }
 
 template <class Format>
