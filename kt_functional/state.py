@@ -329,9 +329,10 @@ def _unpickle_expert_weights(gate, up, down, backward_weights: str, partitions: 
                                       down_bias=down_bias)
 
 
-# Version of the packed bytes a quantized storage pickles (kernels.hpp, QuantPanels): 2 packs the 4-bit
-# formats 4 pair-rows to a 64-byte block (1: a pair-row's 16 bytes in a row; pickles without a version).
-PACKED_LAYOUT = 2
+# Version of the packed bytes a quantized storage pickles (kernels.hpp, QuantPanels): 3 puts the 4-bit
+# formats' scales in chunks between their codes (2: all after the codes; 1: a pair-row's 16 bytes in a row
+# instead of 4 pair-rows to a 64-byte block; pickles without a version).
+PACKED_LAYOUT = 3
 
 
 def _unpickle_quantized(E: int, H: int, I: int, storage: int, scale_type: int, gate_up: bytes, down: bytes,

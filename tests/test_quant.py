@@ -220,21 +220,22 @@ def test_pickle_and_copy_keep_the_packed_codes():
 
 
 def test_pickle_of_an_earlier_4bit_layout_is_refused():
-    """A pickle without the packed-layout version (kt_functional before the 4-bit block layout) would
-    decode its 4-bit codes wrongly: loading it raises, naming the fix; int8 / fp8 bytes did not change."""
+    """A pickle of an earlier packed layout (1: without a version, before the 4-bit block layout; 2: before
+    the 4-bit scales moved between the codes) would decode its 4-bit codes wrongly: loading it raises,
+    naming the fix; int8 / fp8 bytes did not change."""
     from kt_functional import state as state_module
 
     prob = make_problem(E=2, H=64, I=32, k=1, T=3, r=2, seed=3)
     for storage in QUANTIZED:
         w = quantized_weights(prob, storage)
         fn, args = w.__reduce__()
-        assert fn is state_module._unpickle_quantized and args[-1] == state_module.PACKED_LAYOUT
-        legacy = args[:-1]  # as earlier builds wrote it
-        if storage in ("int4_group", "mxfp4"):
-            with pytest.raises(ValueError, match=f"pickled {storage} ExpertWeights: packed layout 1"):
-                fn(*legacy)
-        else:
-            assert all(torch.equal(a, b) for a, b in zip(fn(*legacy).dequantize(), w.dequantize()))
+        assert fn is state_module._unpickle_quantized and args[-1] == state_module.PACKED_LAYOUT == 3
+        for layout, legacy in ((1, args[:-1]), (2, args[:-1] + (2,))):  # as earlier builds wrote them
+            if storage in ("int4_group", "mxfp4"):
+                with pytest.raises(ValueError, match=f"pickled {storage} ExpertWeights: packed layout {layout}"):
+                    fn(*legacy)
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(fn(*legacy).dequantize(), w.dequantize()))
 
 
 # ---- checkpoint layouts written by the formats' own libraries ---------------------------------------------------

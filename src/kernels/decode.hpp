@@ -42,17 +42,18 @@ inline float e8m0(uint32_t e) { return __builtin_bit_cast(float, select_bits(e !
 // Rows [q0, q0 + nq) of one panel: out[i] = bf16(value(code i) * scale i) for the 32 elements of each row.
 // column_scale(q, c) is column c's scale for row q, constant over a group of 16 pair-rows (32 rows);
 // the codes and scales of a row are spread into arrays first so that every loop is plain and vectorizes.
+// A 4-bit panel's code blocks sit where `chunks` says (kernels.hpp).
 template <bool kFourBit, class Value, class ColumnScale>
 inline void decode_rows(const uint8_t* codes, int64_t q0, int64_t nq, bf16* out, Value value,
-                        ColumnScale column_scale) {
+                        ColumnScale column_scale, FourBitChunks chunks = FourBitChunks(4)) {
   constexpr int kRow = 2 * kPanelCols;
   float scale[kRow];
   uint32_t code[kRow];  // 4-bit codes, spread
   for (int64_t q = q0; q < q0 + nq; ++q, out += kRow) {
     if (q == q0 || q % 16 == 0)
       for (int c = 0; c < kPanelCols; ++c) scale[2 * c] = scale[2 * c + 1] = column_scale(q, c);
-    if constexpr (kFourBit) {  // element i: bits 4 (q % 4) of 16-bit word i of 64-byte block q / 4
-      const uint8_t* block = codes + (q >> 2) * 64 + ((q >> 1) & 1);
+    if constexpr (kFourBit) {  // element i: bits 4 (q % 4) of 16-bit word i of q's 64-byte block
+      const uint8_t* block = codes + chunks.block(q) + ((q >> 1) & 1);
       const int shift = 4 * (q & 1);
       for (int i = 0; i < kRow; ++i) code[i] = (block[2 * i] >> shift) & 0xf;
       for (int i = 0; i < kRow; ++i) out[i] = decoded_bf16(value(code[i]) * scale[i]);
@@ -67,9 +68,9 @@ void decode_panels_portable(const QuantPanels& src, int64_t first_panel, int64_t
                             int64_t nq, bf16* dst, int64_t dst_panel_stride) {
   for (int64_t j = 0; j < np; ++j) {
     const uint8_t* panel = src.data + (first_panel + j * panel_step) * src.panel_bytes;
-    const uint8_t* scales = panel + src.scale_offset;
+    const uint8_t* scales = panel + src.scale_offset;  // the 8-bit formats'
     const float* f32 = reinterpret_cast<const float*>(scales);
-    const uint16_t* b16 = reinterpret_cast<const uint16_t*>(scales);
+    const FourBitChunks chunks(four_bit_scale_bytes(src.storage, src.scale_type));
     bf16* out = dst + j * dst_panel_stride;
     auto int4 = [](uint32_t c) { return float(int(c ^ 8) - 8); };
     switch (src.storage) {
@@ -81,15 +82,16 @@ void decode_panels_portable(const QuantPanels& src, int64_t first_panel, int64_t
         decode_rows<false>(panel, q0, nq, out, [](uint32_t c) { return fp8_times_2_pow_m8(uint8_t(c)); },
                            [&](int64_t q, int) { return f32[q / 64] * 256.0f; });
         break;
-      case Storage::int4_group:  // scales [group of 16 pair-rows][column]
+      case Storage::int4_group:  // a group's 16 scales, one per column
         decode_rows<true>(panel, q0, nq, out, int4, [&](int64_t q, int c) {
-          const int64_t i = q / 16 * kPanelCols + c;
-          return src.scale_type == ScaleType::f32 ? f32[i] : __builtin_bit_cast(float, uint32_t(b16[i]) << 16);
-        });
+          const uint8_t* g = panel + chunks.scales(q / 16);
+          return src.scale_type == ScaleType::f32 ? reinterpret_cast<const float*>(g)[c]
+                                                  : __builtin_bit_cast(float, uint32_t(reinterpret_cast<const uint16_t*>(g)[c]) << 16);
+        }, chunks);
         break;
       case Storage::mxfp4:
         decode_rows<true>(panel, q0, nq, out, e2m1,
-                          [&](int64_t q, int c) { return e8m0(scales[q / 16 * kPanelCols + c]); });
+                          [&](int64_t q, int c) { return e8m0(panel[chunks.scales(q / 16) + c]); }, chunks);
         break;
       default:
         break;

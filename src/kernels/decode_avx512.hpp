@@ -40,18 +40,11 @@ inline void store_row(bf16* out, __m512 lo, __m512 hi, const RowScales& s) {
   _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s.hi), _mm512_mul_ps(lo, s.lo)));
 }
 
-// Scales sit after a panel's codes, a stream of their own too small for the hardware prefetcher to
-// pick up: a scale load missed on every group (a quarter of an int4 decode's time) until each group
-// also asks for the one kScaleGroupsAhead further.
+// An 8-bit format's scales sit after a panel's codes, a stream of their own too small for the hardware
+// prefetcher to pick up: a scale load missed on every group until each group also asks for the one
+// kScaleGroupsAhead further.
 constexpr int64_t kScaleGroupsAhead = 4;
 inline void prefetch_scales(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
-
-// Sequential streams one core reads at once. A 4-bit panel is two (its codes, and its scales every 16
-// pair-rows), so 6 panels in lock-step made 12, and in some phases of the host's memory load the
-// prefetchers lost them: T=16 forward of the bench layer, same process, blocks of 3 panels (6 streams)
-// against 6 were int4_group 28-34% and mxfp4 32-40% faster in two runs, within 2% either way in five
-// others; 2 panels (4 streams) were 16% slower than 3, 4 panels 4% slower.
-constexpr int kStreamsPerCore = 6;
 
 inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
@@ -76,10 +69,15 @@ inline void fp8_row(const uint8_t* p, float factor, __m512& lo, __m512& hi) {
 // every code's value is a bf16; the scales multiply the fp32 sums of a group instead).
 struct Int8Format {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
-  static constexpr int kStep = 1, kStreamsPerPanel = 1;
-  static __m512 column_scales(const uint8_t* s, int64_t) { return _mm512_loadu_ps(reinterpret_cast<const float*>(s)); }
-  static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(column_scales(s, group)); }
-  static int64_t scale_bytes(int64_t) { return 0; }
+  static constexpr int kStep = 1, kPanels = 6;
+  int64_t scale_offset;
+  const uint8_t* line(const uint8_t* panel, int64_t q) const { return panel + q * kRowBytes; }
+  __m512 column_scales(const uint8_t* panel, int64_t) const {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(panel + scale_offset));
+  }
+  RowScales scales(const uint8_t* panel, int64_t group) const { return RowScales(column_scales(panel, group)); }
+  static constexpr bool kScalesInStream = false;
+  const uint8_t* scale_line(const uint8_t* panel, int64_t) const { return panel + scale_offset; }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
     const __m128i* c = reinterpret_cast<const __m128i*>(panel + q * kRowBytes);
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
@@ -94,13 +92,17 @@ struct Int8Format {
 
 struct Fp8BlockFormat {
   static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
-  static constexpr int kStep = 1, kStreamsPerPanel = 1;  // a 4-byte scale per 2 KiB of codes: no stream
-  // codes() gives 2^8 times the values: the scales carry the 2^-8 back (exact).
-  static __m512 column_scales(const uint8_t* s, int64_t group) {
-    return _mm512_set1_ps(reinterpret_cast<const float*>(s)[group] * 0x1p-8f);
+  static constexpr int kStep = 1, kPanels = 6;
+  int64_t scale_offset;  // a 4-byte scale per 2 KiB of codes
+  const uint8_t* line(const uint8_t* panel, int64_t q) const { return panel + q * kRowBytes; }
+  float scale(const uint8_t* panel, int64_t group) const {
+    return reinterpret_cast<const float*>(panel + scale_offset)[group];
   }
-  static RowScales scales(const uint8_t* s, int64_t group) { return RowScales(reinterpret_cast<const float*>(s)[group] * 256.0f); }
-  static int64_t scale_bytes(int64_t groups) { return groups * 4; }
+  // codes() gives 2^8 times the values: the scales carry the 2^-8 back (exact).
+  __m512 column_scales(const uint8_t* panel, int64_t group) const { return _mm512_set1_ps(scale(panel, group) * 0x1p-8f); }
+  RowScales scales(const uint8_t* panel, int64_t group) const { return RowScales(scale(panel, group) * 256.0f); }
+  static constexpr bool kScalesInStream = false;
+  const uint8_t* scale_line(const uint8_t* panel, int64_t group) const { return panel + scale_offset + group * 4; }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
     fp8_row(panel + q * kRowBytes, 0x1p112f, lo, hi);
   }
@@ -122,40 +124,45 @@ struct Fp8BlockFormat {
 };
 
 // int4_group and mxfp4: a code's value from a 16-entry table (vpermps reads an index's low 4 bits;
-// vpermw, for the bf16 values, an index's low 5: the table twice). Codes come 4 pair-rows to a
-// 64-byte block whose 16-bit word i holds element i of pair-row 4b + j in bits 4j..4j+3 (kernels.hpp).
+// vpermw, for the bf16 values, an index's low 5: the table twice). Codes come 4 pair-rows to a 64-byte
+// block whose 16-bit word i holds element i of pair-row 4b + j in bits 4j..4j+3, a group's scales before
+// its chunk of blocks (kernels.hpp, FourBitChunks).
 struct FourBitFormat {
   static constexpr int64_t kRowBytes = 16, kGroupPairs = 16;  // one scale per (32 rows, column)
-  static constexpr int kStep = 4, kStreamsPerPanel = 2;  // codes, and 32 bytes of scales per 256 of them
+  // 3 panels in lock-step: T=16 forward of the bench layer, same process, 2 threads, against 6: 11-19%
+  // faster in six runs, 4 panels alike (one thread: 6 panels 9% faster).
+  static constexpr int kStep = 4, kPanels = 3;
   Storage storage;
   ScaleType type;
+  FourBitChunks chunks;
   __m512 table;
   __m512i table_bf16;
   FourBitFormat(Storage storage, ScaleType type, __m512 table)
-      : storage(storage), type(type), table(table), table_bf16((__m512i)_mm512_cvtne2ps_pbh(table, table)) {}
-  __m512 column_scales(const uint8_t* s, int64_t group) const {
+      : storage(storage), type(type), chunks(four_bit_scale_bytes(storage, type)), table(table),
+        table_bf16((__m512i)_mm512_cvtne2ps_pbh(table, table)) {}
+  const uint8_t* line(const uint8_t* panel, int64_t q) const { return panel + chunks.block(q); }
+  static constexpr bool kScalesInStream = true;  // the codes' prefetch brings them
+  const uint8_t* scale_line(const uint8_t* panel, int64_t group) const { return panel + chunks.scales(group); }
+  __m512 column_scales(const uint8_t* panel, int64_t group) const {
+    const uint8_t* s = scale_line(panel, group);
     if (storage == Storage::mxfp4) {  // E8M0: 2^(e - 127), e = 0 is the fp32 denormal 2^-127
-      const __m512i e = bytes16(s + group * kPanelCols);
+      const __m512i e = bytes16(s);
       const __m512i bits = _mm512_mask_mov_epi32(_mm512_slli_epi32(e, 23), _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
                                                  _mm512_set1_epi32(0x00400000));
       return _mm512_castsi512_ps(bits);
     }
-    if (type == ScaleType::f32) return _mm512_loadu_ps(reinterpret_cast<const float*>(s) + group * kPanelCols);
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + group * kPanelCols * 2));
+    if (type == ScaleType::f32) return _mm512_loadu_ps(reinterpret_cast<const float*>(s));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
   }
-  RowScales scales(const uint8_t* s, int64_t group) const { return RowScales(column_scales(s, group)); }
-  int64_t scale_bytes(int64_t groups) const {
-    return groups * kPanelCols * (storage == Storage::mxfp4 ? 1 : type == ScaleType::f32 ? 4 : 2);
-  }
-  static const uint8_t* block(const uint8_t* panel, int64_t q) { return panel + (q >> 2) * 64; }
+  RowScales scales(const uint8_t* panel, int64_t group) const { return RowScales(column_scales(panel, group)); }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
-    const __m512i words = _mm512_srli_epi16(_mm512_loadu_si512(block(panel, q)), unsigned(4 * (q & 3)));
+    const __m512i words = _mm512_srli_epi16(_mm512_loadu_si512(line(panel, q)), unsigned(4 * (q & 3)));
     lo = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), table);
     hi = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), table);
   }
   void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {  // q: a multiple of 4
-    const __m512i words = _mm512_loadu_si512(block(panel, q));
+    const __m512i words = _mm512_loadu_si512(line(panel, q));
     row[0] = (__m512bh)_mm512_permutexvar_epi16(words, table_bf16);
     row[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table_bf16);
     row[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), table_bf16);
@@ -163,14 +170,21 @@ struct FourBitFormat {
   }
 };
 
+// The scales of group `group` of a panel, kScaleGroupsAhead groups ahead where they are not in the codes'
+// stream.
+template <class Format>
+inline void prefetch_group_scales(const Format& f, const uint8_t* panel, int64_t group) {
+  if constexpr (!Format::kScalesInStream) prefetch_scales(f.scale_line(panel, group + kScaleGroupsAhead));
+}
+
 // Pair-rows [q0, q0 + nq) of N panels in lock-step (row q of every panel, then q + 1), like the
 // micro-kernel's reads of B: several sequential streams at once keep more of memory's bandwidth than
 // one, each also prefetched ahead. Scales are set per group, outside the inner loop.
 // Everything the loop reads is copied into locals first: the stores (may_alias) would otherwise make
 // the compiler reload the table and the pointers from memory at every row.
 template <int N, class Format>
-void decode_streams(const Format& format, const QuantPanels& src, const uint8_t* const* panel_codes, int64_t q0,
-                    int64_t nq, bf16* const* panel_out) {
+void decode_streams(const Format& format, const uint8_t* const* panel_codes, int64_t q0, int64_t nq,
+                    bf16* const* panel_out) {
   constexpr int kRow = 2 * kPanelCols;
   constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
   const Format f = format;
@@ -182,13 +196,12 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
     const int64_t group = q / Format::kGroupPairs;
     const int64_t end = std::min(q0 + nq, (group + 1) * Format::kGroupPairs);
     for (int j = 0; j < N; ++j) {
-      const uint8_t* scales = panels[j] + src.scale_offset;
-      s[j] = f.scales(scales, group);
-      prefetch_scales(scales + f.scale_bytes(group + kScaleGroupsAhead));
+      s[j] = f.scales(panels[j], group);
+      prefetch_group_scales(f, panels[j], group);
     }
     for (; q < end; ++q) {
       for (int j = 0; j < N; ++j) {
-        if (q % kRowsPerLine == 0) prefetch_stream(panels[j] + q * Format::kRowBytes);
+        if (q % kRowsPerLine == 0) prefetch_stream(f.line(panels[j], q));
         __m512 lo, hi;
         f.values(panels[j], q, lo, hi);
         store_row(out[j] + (q - q0) * kRow, lo, hi, s[j]);
@@ -197,9 +210,6 @@ void decode_streams(const Format& format, const QuantPanels& src, const uint8_t*
   }
 }
 
-// Panels a decoder or gemm_codes block reads in lock-step.
-template <class Format>
-constexpr int kStreamPanels = kStreamsPerCore / Format::kStreamsPerPanel;
 
 inline FourBitFormat four_bit_format(const QuantPanels& src) {
   if (src.storage == Storage::int4_group)  // two's complement
@@ -213,7 +223,7 @@ inline FourBitFormat four_bit_format(const QuantPanels& src) {
 template <class Format, size_t... N>
 void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
                    int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride, std::index_sequence<N...>) {
-  using StreamsFn = void (*)(const Format&, const QuantPanels&, const uint8_t* const*, int64_t, int64_t, bf16* const*);
+  using StreamsFn = void (*)(const Format&, const uint8_t* const*, int64_t, int64_t, bf16* const*);
   static constexpr StreamsFn streams[] = {decode_streams<int(N) + 1, Format>...};  // 1 .. kStreams panels
   constexpr int kStreams = sizeof...(N);
   for (int64_t j0 = 0; j0 < np; j0 += kStreams) {
@@ -224,7 +234,7 @@ void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel,
       panels[j] = src.data + (first_panel + (j0 + j) * panel_step) * src.panel_bytes;
       out[j] = dst + (j0 + j) * dst_panel_stride;
     }
-    streams[n - 1](f, src, panels, q0, nq, out);
+    streams[n - 1](f, panels, q0, nq, out);
   }
 }
 
@@ -232,7 +242,7 @@ template <class Format>
 void decode_format(const Format& f, const QuantPanels& src, int64_t first_panel, int64_t panel_step, int64_t np,
                    int64_t q0, int64_t nq, bf16* dst, int64_t dst_panel_stride) {
   decode_format(f, src, first_panel, panel_step, np, q0, nq, dst, dst_panel_stride,
-                std::make_index_sequence<kStreamPanels<Format>>());
+                std::make_index_sequence<Format::kPanels>());
 }
 
 // fn(the format functor of src's storage).
@@ -240,9 +250,9 @@ template <class F>
 void with_format(const QuantPanels& src, F&& fn) {
   switch (src.storage) {
     case Storage::int8:
-      return fn(Int8Format{});
+      return fn(Int8Format{src.scale_offset});
     case Storage::fp8_block:
-      return fn(Fp8BlockFormat{});
+      return fn(Fp8BlockFormat{src.scale_offset});
     case Storage::int4_group:
     case Storage::mxfp4:
       return fn(four_bit_format(src));
@@ -263,8 +273,8 @@ void decode_panels_avx512(const QuantPanels& src, int64_t first_panel, int64_t p
 // at C + p * c_panel_stride. Each scale group's products are summed in fp32 on `sum`, then added to
 // `total` times the group's column scales.
 template <int MR, int NP, class Format>
-void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, int64_t scale_offset, const bf16* A,
-                      int64_t lda, int64_t kpairs, float* C, int64_t c_panel_stride, int64_t ldc) {
+void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, const bf16* A, int64_t lda,
+                      int64_t kpairs, float* C, int64_t c_panel_stride, int64_t ldc) {
   constexpr int kStep = Format::kStep;
   constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
   const Format f = format;
@@ -286,7 +296,7 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
           a[m][i] = (__m512bh)_mm512_set1_epi32(
               __builtin_bit_cast(int32_t, *reinterpret_cast<const uint32_t*>(A + m * lda + 2 * (q + i))));
       for (int p = 0; p < NP; ++p) {
-        if (q % kRowsPerLine == 0) prefetch_stream(panels[p] + q * Format::kRowBytes);
+        if (q % kRowsPerLine == 0) prefetch_stream(f.line(panels[p], q));
         __m512bh b[kStep];
         f.codes(panels[p], q, b);
         for (int i = 0; i < kStep; ++i)
@@ -294,9 +304,8 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
       }
     }
     for (int p = 0; p < NP; ++p) {
-      const uint8_t* scales = panels[p] + scale_offset;
-      const __m512 s = f.column_scales(scales, group);
-      prefetch_scales(scales + f.scale_bytes(group + kScaleGroupsAhead));
+      const __m512 s = f.column_scales(panels[p], group);
+      prefetch_group_scales(f, panels[p], group);
       for (int m = 0; m < MR; ++m) total[m][p] = _mm512_fmadd_ps(sum[m][p], s, total[m][p]);
     }
   }
@@ -305,9 +314,9 @@ void gemm_codes_block(const Format& format, const uint8_t* const* panel_codes, i
 }
 
 // Panels per block of MR rows: 2 MR NP accumulators, the broadcast pairs and the decoded rows fit the 32 zmm,
-// and the block's streams the prefetcher (kStreamPanels).
+// and at most the format's Format::kPanels.
 template <class Format>
-constexpr int codes_panels(int mr) { return std::min(mr <= 2 ? 6 : mr == 3 ? 4 : 3, kStreamPanels<Format>); }
+constexpr int codes_panels(int mr) { return std::min(mr <= 2 ? 6 : mr == 3 ? 4 : 3, Format::kPanels); }
 constexpr int kCodesRows = 4;
 
 // The np panels as kPanels streams of consecutive panels (stream s: panels [s L, (s + 1) L), L = ceil(np /
@@ -317,8 +326,7 @@ template <int MR, class Format, size_t... NP>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc, std::index_sequence<NP...>) {
   constexpr int kPanels = codes_panels<Format>(MR);
-  using BlockFn =
-      void (*)(const Format&, const uint8_t* const*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t, int64_t);
+  using BlockFn = void (*)(const Format&, const uint8_t* const*, const bf16*, int64_t, int64_t, float*, int64_t, int64_t);
   static constexpr BlockFn blocks[] = {gemm_codes_block<MR, int(NP) + 1, Format>...};  // 1 .. kPanels panels
   const int length = (np + kPanels - 1) / kPanels;
   for (int i = 0; i < length; ++i) {
@@ -326,7 +334,7 @@ void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_pane
     int n = 0;  // the streams with a panel at step i: a prefix of them
     for (; n < kPanels && n * length + i < np; ++n)
       panels[n] = src.data + (first_panel + n * length + i) * src.panel_bytes;
-    blocks[n - 1](f, panels, src.scale_offset, A, lda, kpairs, C + i * kPanelCols, length * kPanelCols, ldc);
+    blocks[n - 1](f, panels, A, lda, kpairs, C + i * kPanelCols, length * kPanelCols, ldc);
   }
 }
 
@@ -360,25 +368,24 @@ void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int6
 // A panel's codes of the pair-rows [q0, q0 + QB) and of its scale group ahead of their use, into L2: the
 // panels of a gemm_codes_t call are far apart, too many streams for the hardware prefetcher.
 template <int QB, class Format>
-inline void prefetch_codes_t(const Format& f, const uint8_t* panel, int64_t scale_offset, int64_t q0) {
-  for (int64_t line = 0; line < QB * Format::kRowBytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(panel + q0 * Format::kRowBytes + line), _MM_HINT_T1);
-  _mm_prefetch(reinterpret_cast<const char*>(panel + scale_offset + f.scale_bytes(q0 / Format::kGroupPairs)),
-               _MM_HINT_T1);
+inline void prefetch_codes_t(const Format& f, const uint8_t* panel, int64_t q0) {
+  constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
+  for (int64_t q = q0; q < q0 + QB; q += kRowsPerLine) _mm_prefetch(reinterpret_cast<const char*>(f.line(panel, q)), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(f.scale_line(panel, q0 / Format::kGroupPairs)), _MM_HINT_T1);
 }
 
 // gemm_codes_t (kernels.hpp): gemm_t_block (transpose_avx512.hpp) with each B row decoded as decode_streams
 // stores it (store_row's rounding), from the codes of QB pair-rows in one scale group.
 template <int MR, int QB, class Format>
-void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t panel_distance, int64_t scale_offset,
-                        int64_t np, int64_t q0, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
+void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t panel_distance, int64_t np, int64_t q0,
+                        const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
   const Format f = format;
   const int64_t group = q0 / Format::kGroupPairs;
   transposed_block<MR, QB>(A, lda, np, C, ldc, accumulate, [&](int64_t p, const PanelPairs<MR>& a, auto& even,
                                                                auto& odd) {
     const uint8_t* panel = panel0 + p * panel_distance;
-    prefetch_codes_t<QB>(f, panel, scale_offset, q0 + QB);  // this panel's pair-rows of the next block
-    const RowScales s = f.scales(panel + scale_offset, group);
+    prefetch_codes_t<QB>(f, panel, q0 + QB);  // this panel's pair-rows of the next block
+    const RowScales s = f.scales(panel, group);
     for (int q = 0; q < QB; ++q) {
       __m512 vlo, vhi;
       f.values(panel, q0 + q, vlo, vhi);
@@ -395,9 +402,8 @@ void gemm_codes_t_block(const Format& format, const uint8_t* panel0, int64_t pan
 // gemm_codes) in fresh sums, then times the panel's column scales into the totals (one fp32 FMA). The codes
 // of kStep pair-rows come at once: 1 or 2 rows (sums for QB pair-rows and the decoded rows fit the 32 zmm).
 template <int MR, int QB, class Format>
-void gemm_codes_t_exact_block(const Format& format, const uint8_t* panel0, int64_t panel_distance,
-                              int64_t scale_offset, int64_t np, int64_t q0, const bf16* A, int64_t lda, float* C,
-                              int64_t ldc, bool accumulate) {
+void gemm_codes_t_exact_block(const Format& format, const uint8_t* panel0, int64_t panel_distance, int64_t np,
+                              int64_t q0, const bf16* A, int64_t lda, float* C, int64_t ldc, bool accumulate) {
   constexpr int kStep = Format::kStep;
   static_assert(QB % kStep == 0, "whole steps of the format's codes");
   const Format f = format;
@@ -405,8 +411,8 @@ void gemm_codes_t_exact_block(const Format& format, const uint8_t* panel0, int64
   transposed_block<MR, QB>(A, lda, np, C, ldc, accumulate, [&](int64_t p, const PanelPairs<MR>& a, auto& even,
                                                                auto& odd) {
     const uint8_t* panel = panel0 + p * panel_distance;
-    prefetch_codes_t<QB>(f, panel, scale_offset, q0 + QB);
-    const __m512 s = f.column_scales(panel + scale_offset, group);
+    prefetch_codes_t<QB>(f, panel, q0 + QB);
+    const __m512 s = f.column_scales(panel, group);
     const __m512 zero = _mm512_setzero_ps();
     for (int q = 0; q < QB; q += kStep) {
       __m512bh w[kStep];
@@ -429,10 +435,10 @@ void gemm_codes_t_rows(const Format& f, const QuantPanels& src, int64_t first_pa
   const int64_t distance = panel_step * src.panel_bytes;
   for (int64_t q = 0; q < nq; q += QB) {
     if constexpr (kExact)
-      gemm_codes_t_exact_block<MR, QB>(f, panel0, distance, src.scale_offset, np, q0 + q, A, lda, C + 2 * q, ldc,
+      gemm_codes_t_exact_block<MR, QB>(f, panel0, distance, np, q0 + q, A, lda, C + 2 * q, ldc,
                                        accumulate);
     else
-      gemm_codes_t_block<MR, QB>(f, panel0, distance, src.scale_offset, np, q0 + q, A, lda, C + 2 * q, ldc,
+      gemm_codes_t_block<MR, QB>(f, panel0, distance, np, q0 + q, A, lda, C + 2 * q, ldc,
                                  accumulate);
   }
 }

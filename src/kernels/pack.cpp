@@ -81,20 +81,13 @@ constexpr bool four_bit(Storage s) { return s == Storage::int4_group || s == Sto
 // fp8_block 6-10% faster with 4 here than with 16, int4_group 16-30% slower with 4).
 int64_t codes_rows_limit(Storage s) { return four_bit(s) ? 16 : 4; }
 
-// Bytes of one panel's codes and scales (QuantPanels) for Kp rows.
-int64_t code_bytes(Storage s, int64_t Kp) { return Kp * kPanelCols / (four_bit(s) ? 2 : 1); }
-int64_t scale_bytes(Storage s, ScaleType t, int64_t Kp) {
-  switch (s) {
-    case Storage::int8:
-      return kPanelCols * 4;
-    case Storage::fp8_block:
-      return ceil_div(Kp, 128) * 4;
-    case Storage::int4_group:
-      return Kp / 32 * kPanelCols * (t == ScaleType::f32 ? 4 : 2);
-    default:  // mxfp4
-      return Kp / 32 * kPanelCols;
-  }
+// Bytes of one panel (QuantPanels) for Kp rows, and where an 8-bit format's scales start in it.
+int64_t panel_bytes(Storage s, ScaleType t, int64_t Kp) {
+  if (four_bit(s)) return FourBitChunks(four_bit_scale_bytes(s, t)).panel_bytes(Kp);
+  const int64_t scales = s == Storage::int8 ? kPanelCols * 4 : ceil_div(Kp, 128) * 4;
+  return round_up(Kp * kPanelCols + scales, 64);
 }
+int64_t scale_offset(Storage s, int64_t Kp) { return four_bit(s) ? 0 : Kp * kPanelCols; }
 
 // Code of W[o][k] of one expert's projection in the checkpoint's layout (QuantSource), as
 // QuantPanels stores it (int4: two's complement nibble).
@@ -117,10 +110,11 @@ template <Storage S>
 void pack_quantized(ScaleType t, const QuantSource& src, int64_t out, int64_t in, uint8_t* base, int64_t panel_bytes,
                     int64_t scale_offset, int64_t first_panel, int64_t panel_step) {
   const int64_t groups = ceil_div(in, 32), blocks = ceil_div(in, 128);
-  const size_t scale_size = S == Storage::mxfp4 ? 1 : t == ScaleType::f32 ? 4 : 2;
+  const int64_t scale_size = four_bit_scale_bytes(S, t);
+  const FourBitChunks chunks(scale_size);
   for (int64_t j = 0; j * kPanelCols < out; ++j) {
     uint8_t* panel = base + (first_panel + j * panel_step) * panel_bytes;
-    uint8_t* scales = panel + scale_offset;
+    uint8_t* scales = panel + scale_offset;  // the 8-bit formats
     const int64_t o0 = j * kPanelCols, cols = std::min<int64_t>(kPanelCols, out - o0);
     if constexpr (S == Storage::fp8_block)  // the panel's columns share one row of 128-blocks
       std::memcpy(scales, static_cast<const float*>(src.scales) + (o0 / 128) * blocks, blocks * 4);
@@ -129,8 +123,8 @@ void pack_quantized(ScaleType t, const QuantSource& src, int64_t out, int64_t in
       for (int64_t k = 0; k < in; ++k) {
         const uint8_t code = source_code<S>(src.codes, in, o, k);
         const int64_t pos = 2 * c + (k & 1), q = k >> 1;
-        if constexpr (four_bit(S))  // bits 4 (q % 4) of 16-bit word pos of block q / 4 (kernels.hpp)
-          panel[(q >> 2) * 64 + 2 * pos + ((q >> 1) & 1)] |= uint8_t(code << (4 * (q & 1)));
+        if constexpr (four_bit(S))  // bits 4 (q % 4) of 16-bit word pos of q's block (kernels.hpp)
+          panel[chunks.block(q) + 2 * pos + ((q >> 1) & 1)] |= uint8_t(code << (4 * (q & 1)));
         else
           panel[q * 2 * kPanelCols + pos] = code;
       }
@@ -139,7 +133,7 @@ void pack_quantized(ScaleType t, const QuantSource& src, int64_t out, int64_t in
       } else if constexpr (four_bit(S)) {
         const uint8_t* from = static_cast<const uint8_t*>(src.scales) + o * groups * scale_size;
         for (int64_t g = 0; g < groups; ++g)
-          std::memcpy(scales + (g * kPanelCols + c) * scale_size, from + g * scale_size, scale_size);
+          std::memcpy(panel + chunks.scales(g) + c * scale_size, from + g * scale_size, scale_size);
       }
     }
   }
@@ -290,8 +284,8 @@ const bf16* PackedExperts::packed(Gemm g, int64_t e) const {
 void PackedExperts::init_quantized() {
   for (int f = 0; f < 2; ++f) {
     const int64_t Kp = layouts_[f].Kp;
-    scale_offset_[f] = code_bytes(storage, Kp);
-    panel_bytes_[f] = round_up(scale_offset_[f] + scale_bytes(storage, scale_type, Kp), 64);
+    scale_offset_[f] = scale_offset(storage, Kp);
+    panel_bytes_[f] = panel_bytes(storage, scale_type, Kp);
     quant_[f] = Buffer<uint8_t>(size_t(E * layouts_[f].panels * panel_bytes_[f]));
   }
 }
