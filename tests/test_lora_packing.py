@@ -74,28 +74,36 @@ def test_lora_packer_matches_layout_model(isa, transpose, K, N, k_offset, step):
     assert bad.size == 0, f"[{isa}] {bad.size} elements differ, first at {bad[:5]}: got {got[bad[:5]]}, want {want[bad[:5]]}"
 
 
+@pytest.mark.parametrize("matrices", [1, 2], ids=["one", "two_in_lock_step"])
 @pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])
 @pytest.mark.parametrize("rows, K, N", [(1, 2048, 16), (2, 768, 16), (3, 33, 5), (4, 16, 1), (5, 100, 17),
                                         (7, 1, 3), (16, 47, 16)])
-def test_lora_project_f32_matches_float64(isa, transpose, rows, K, N):
+def test_lora_project_f32_matches_float64(isa, transpose, rows, K, N, matrices):
     """C = A x S in fp32 from bf16 A rows (lda past K), S read as the LoRA matrices lie (k contiguous: an A
     [rank][in], the forward's projects, a sequential stream with its prefetches running past the end; n
-    contiguous: a B [out][rank], the backward's); only C's first N columns written."""
-    rng = np.random.default_rng(rows * 10000 + K * 100 + N + transpose)
-    S = rng.standard_normal((K, N)).astype(np.float32)
-    src = np.ascontiguousarray(S.T) if transpose else np.ascontiguousarray(S)
+    contiguous: a B [out][rank], the backward's); only C's first N columns written. Two matrices (the
+    forward's Ag and Au) are read in lock-step, each into its own C."""
+    rng = np.random.default_rng(rows * 10000 + K * 100 + N + transpose + 7 * matrices)
     sk, sn = (1, K) if transpose else (N, 1)
     lda, ldc = K + 7, N + 5
     A = bf16_bits(rng.standard_normal((rows, lda)).astype(np.float32))
-    C = rng.standard_normal((rows, ldc)).astype(np.float32)
-    want = C.astype(np.float64)
     a = bf16_values(A)[:, :K].astype(np.float64)
-    want[:, :N] = a @ S.astype(np.float64)
-    ktf()._core.project_f32(isa, A.ctypes.data, lda, rows, src.ctypes.data, sk, sn, K, N, C.ctypes.data, ldc)
-    bound = 4 * (K + 1) * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(S).astype(np.float64))
-    assert np.all(C[:, N:] == want[:, N:]), f"[{isa}] columns past N were written"
-    err = np.abs(C[:, :N] - want[:, :N])
-    assert np.all(err <= bound), f"[{isa}] max error {err.max():.3g} over the fp32 bound"
+    Ss = [rng.standard_normal((K, N)).astype(np.float32) for _ in range(matrices)]
+    srcs = [np.ascontiguousarray(S.T) if transpose else np.ascontiguousarray(S) for S in Ss]
+    Cs = [rng.standard_normal((rows, ldc)).astype(np.float32) for _ in range(matrices)]
+    wants = []
+    for S, C in zip(Ss, Cs):
+        want = C.astype(np.float64)
+        want[:, :N] = a @ S.astype(np.float64)
+        wants.append(want)
+    second = {"S2": srcs[1].ctypes.data, "C2": Cs[1].ctypes.data} if matrices == 2 else {}
+    ktf()._core.project_f32(isa, A.ctypes.data, lda, rows, srcs[0].ctypes.data, sk, sn, K, N, Cs[0].ctypes.data, ldc,
+                            **second)
+    for i, (S, C, want) in enumerate(zip(Ss, Cs, wants)):
+        bound = 4 * (K + 1) * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(S).astype(np.float64))
+        assert np.all(C[:, N:] == want[:, N:]), f"[{isa}] matrix {i}: columns past N were written"
+        err = np.abs(C[:, :N] - want[:, :N])
+        assert np.all(err <= bound), f"[{isa}] matrix {i}: max error {err.max():.3g} over the fp32 bound"
 
 
 @pytest.mark.parametrize("transpose", [True, False], ids=["k_contiguous", "n_contiguous"])

@@ -241,8 +241,8 @@ void rank_update_t(float* G, int64_t ldg, int m, int64_t n, const float* coef, i
   rank_update_into<true>(G, ldg, m, n, coef, ldcoef, pscale, scale, rows, ldrow, row_index, P);
 }
 
-void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
-                 int64_t N, float* C, int64_t ldc) {
+void project_one(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K, int64_t N,
+                 float* C, int64_t ldc) {
   if (sk == 1) {  // column n of S is contiguous along k: a dot product per (row, column), S's column read once
     for (int64_t n = 0; n < N; ++n) {
       const float* col = S + n * sn;
@@ -267,6 +267,11 @@ void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* S, int64
       for (int64_t n = 0; n < N; ++n) c[n] += a * row[n * sn];
     }
   }
+}
+
+void project_f32(const bf16* A, int64_t lda, int64_t rows, const float* const* S, int count, int64_t sk, int64_t sn,
+                 int64_t K, int64_t N, float* const* C, int64_t ldc) {
+  for (int i = 0; i < count; ++i) project_one(A, lda, rows, S[i], sk, sn, K, N, C[i], ldc);
 }
 
 // gemm_t (kernels.hpp): lane j of the 16 columns of a panel summed over the panels, then the lanes in order.

@@ -47,8 +47,8 @@ struct MatrixView;
 using PackPanelsFn = void (*)(const MatrixView& src, int64_t K, int64_t N, int64_t Kp, int64_t k_offset,
                               int64_t panel_step, bf16* dst, int64_t lo_delta);
 // KernelSet::project_f32 and expand_f32.
-using ProjectF32Fn = void (*)(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn,
-                              int64_t K, int64_t N, float* C, int64_t ldc);
+using ProjectF32Fn = void (*)(const bf16* A, int64_t lda, int64_t rows, const float* const* S, int count, int64_t sk,
+                              int64_t sn, int64_t K, int64_t N, float* const* C, int64_t ldc);
 using ExpandF32Fn = void (*)(const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
                              int64_t K, int64_t N, float* C, int64_t ldc);
 
@@ -197,9 +197,10 @@ struct KernelSet {
   void (*rank_update_t)(float* G, int64_t ldg, int m, int64_t n, const float* coef, int64_t ldcoef,
                         const float* pscale, float scale, const bf16* rows, int64_t ldrow, const int32_t* row_index,
                         int64_t P);
-  // C[m][n] = sum_k A[m][k] * S(k, n) in fp32 for m < rows, n < N; S(k, n) = S[k*sk + n*sn] with sk == 1
-  // or sn == 1; a fixed order. The LoRA projects of an expert with few rows: each operand is used once,
-  // so reading the fp32 matrix straight beats packing it (and keeps it whole, not split in two parts).
+  // C[i][m][n] = sum_k A[m][k] * S[i](k, n) in fp32 for i < count (1 or 2), m < rows, n < N; S[i](k, n) =
+  // S[i][k*sk + n*sn] with sk == 1 or sn == 1; a fixed order. The LoRA projects of an expert with few rows:
+  // each operand is used once, so reading the fp32 matrix straight beats packing it (and keeps it whole,
+  // not split in two parts). Two matrices (gate's and up's) may be read in lock-step: two streams.
   ProjectF32Fn project_f32;
   // C[m][n] += sum_k coef[m][k] * S(k, n) in fp32, S as in project_f32; a fixed order. The LoRA expands
   // of an expert with few rows (the coefficients in fp32, not rounded to bf16).

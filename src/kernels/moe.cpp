@@ -202,14 +202,27 @@ class LoraPanels {
 
   // A project of a direct slot's expert e (KernelSet::project_f32): v [rows][ldv] = A x the operand, its
   // columns as the packed project's (gate's at [0, r), up's at [R, R + r)); columns between them are
-  // left as they are.
+  // left as they are. Parts that multiply the same columns of A (the forward's Ag and Au) are read in
+  // lock-step, two streams (T=16 forward of the bench layer, same process, 2 threads, against one after the
+  // other: the gate/up LoRA phase 6-12% faster in three runs).
   void project_direct(const KernelSet& ks, Which which, int64_t e, const bf16* A, int64_t lda, int64_t rows, float* v,
                       int64_t ldv) const {
-    for_each_part(which, [&](const Part& p) {
-      const float* S = static_cast<const float*>(p.t) + e * p.rows * p.cols;
-      ks.project_f32(A + p.k_offset, lda, rows, S, p.transpose ? 1 : p.cols, p.transpose ? p.cols : 1, p.K, p.N,
-                     v + p.first * kPanelCols, ldv);
-    });
+    Part parts[2];
+    int n = 0;
+    for_each_part(which, [&](const Part& p) { parts[n++] = p; });
+    const float* S[2];
+    float* C[2];
+    for (int i = 0; i < n; ++i) {
+      S[i] = static_cast<const float*>(parts[i].t) + e * parts[i].rows * parts[i].cols;
+      C[i] = v + parts[i].first * kPanelCols;
+    }
+    const Part& p = parts[0];
+    const int64_t sk = p.transpose ? 1 : p.cols, sn = p.transpose ? p.cols : 1;
+    if (n == 2 && parts[1].k_offset == p.k_offset && parts[1].K == p.K && parts[1].N == p.N &&
+        parts[1].cols == p.cols && parts[1].transpose == p.transpose)
+      return ks.project_f32(A + p.k_offset, lda, rows, S, 2, sk, sn, p.K, p.N, C, ldv);
+    for (int i = 0; i < n; ++i)
+      ks.project_f32(A + parts[i].k_offset, lda, rows, S + i, 1, sk, sn, parts[i].K, parts[i].N, C + i, ldv);
   }
 
   // The whole expand of a direct slot's expert e (KernelSet::expand_f32): out [rows][direct_ld] += coef

@@ -181,9 +181,11 @@ void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t 
   kernels_for(isa).pack_panels(MatrixView{src, DType::f32, sk, sn}, K, N, Kp, k_offset, panel_step, dst, lo_delta);
 }
 
-void project_f32(Isa isa, const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
-                 int64_t N, float* C, int64_t ldc) {
-  kernels_for(isa).project_f32(A, lda, rows, S, sk, sn, K, N, C, ldc);
+void project_f32(Isa isa, const bf16* A, int64_t lda, int64_t rows, const float* S, const float* S2, int64_t sk,
+                 int64_t sn, int64_t K, int64_t N, float* C, float* C2, int64_t ldc) {
+  const float* matrices[2] = {S, S2};
+  float* results[2] = {C, C2};
+  kernels_for(isa).project_f32(A, lda, rows, matrices, S2 ? 2 : 1, sk, sn, K, N, results, ldc);
 }
 
 void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,

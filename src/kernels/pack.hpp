@@ -46,8 +46,9 @@ void pack_panels_f32(Isa isa, const float* src, int64_t sk, int64_t sn, int64_t 
 // Test hooks: KernelSet::gemm_t, project_f32 and expand_f32 of ISA path isa.
 void gemm_t(Isa isa, const bf16* A, int64_t lda, int64_t rows, const bf16* B, int64_t panel_stride, int64_t np,
             int64_t nq, float* C, int64_t ldc, bool accumulate);
-void project_f32(Isa isa, const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
-                 int64_t N, float* C, int64_t ldc);
+// project_f32 reads S and S2 in lock-step into C and C2 unless S2 is null.
+void project_f32(Isa isa, const bf16* A, int64_t lda, int64_t rows, const float* S, const float* S2, int64_t sk,
+                 int64_t sn, int64_t K, int64_t N, float* C, float* C2, int64_t ldc);
 void expand_f32(Isa isa, const float* coef, int64_t ldcoef, int64_t rows, const float* S, int64_t sk, int64_t sn,
                 int64_t K, int64_t N, float* C, int64_t ldc);
 

@@ -114,45 +114,59 @@ void pack_panels_avx512(const MatrixView& src, int64_t K, int64_t N, int64_t Kp,
 }
 
 // project_f32 (kernels.hpp) where each column of S is contiguous along k (the forward's LoRA A read as
-// [rank][in]): the columns are one sequential stream (prefetch_stream), each read once for up to 4 rows;
-// the same lanes and order as the portable loop (elementwise.hpp). T=16 forward of the bench layer, same
-// process, against the portable loop: the LoRA phases of a direct expert (both projects, with their
-// expands) 7-9% faster on 2 threads, 7-15% on 1; without the prefetch, 1.8x slower than the portable loop.
-template <int MR>
-void project_columns(const bf16* A, int64_t lda, const float* S, int64_t sn, int64_t K, int64_t N, float* C,
-                     int64_t ldc) {
+// [rank][in]): the columns of each of the NS matrices are one sequential stream (prefetch_stream), the
+// matrices read in lock-step, each column once for up to 4 rows; the same lanes and order as the portable
+// loop (elementwise.hpp). T=16 forward of the bench layer, same process, against the portable loop: the
+// LoRA phases of a direct expert (both projects, with their expands) 7-9% faster on 2 threads, 7-15% on 1;
+// without the prefetch, 1.8x slower than the portable loop.
+template <int MR, int NS>
+void project_columns(const bf16* A, int64_t lda, const float* const* S, int64_t sn, int64_t K, int64_t N,
+                     float* const* C, int64_t ldc) {
   for (int64_t n = 0; n < N; ++n) {
-    const float* col = S + n * sn;
-    __m512 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    __m512 acc[NS][MR];
+    for (int i = 0; i < NS; ++i)
+      for (int m = 0; m < MR; ++m) acc[i][m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
-      prefetch_stream(col + k);
-      const __m512 s = _mm512_maskz_loadu_ps(mk, col + k);
-      for (int m = 0; m < MR; ++m)
-        acc[m] = _mm512_fmadd_ps(widen(_mm256_maskz_loadu_epi16(mk, A + m * lda + k)), s, acc[m]);
+      __m512 a[MR];
+      for (int m = 0; m < MR; ++m) a[m] = widen(_mm256_maskz_loadu_epi16(mk, A + m * lda + k));
+      for (int i = 0; i < NS; ++i) {
+        const float* col = S[i] + n * sn;
+        prefetch_stream(col + k);
+        const __m512 s = _mm512_maskz_loadu_ps(mk, col + k);
+        for (int m = 0; m < MR; ++m) acc[i][m] = _mm512_fmadd_ps(a[m], s, acc[i][m]);
+      }
     }
-    for (int m = 0; m < MR; ++m) {
-      float lanes[16];
-      _mm512_storeu_ps(lanes, acc[m]);
-      C[m * ldc + n] = reduce_lanes(lanes);
+    for (int i = 0; i < NS; ++i)
+      for (int m = 0; m < MR; ++m) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, acc[i][m]);
+        C[i][m * ldc + n] = reduce_lanes(lanes);
+      }
+  }
+}
+
+template <int NS>
+void project_rows(const bf16* A, int64_t lda, int64_t rows, const float* const* S, int64_t sn, int64_t K, int64_t N,
+                  float* const* C, int64_t ldc) {
+  for (int64_t m = 0; m < rows; m += 4) {
+    const bf16* a = A + m * lda;
+    float* c[NS];
+    for (int i = 0; i < NS; ++i) c[i] = C[i] + m * ldc;
+    switch (std::min<int64_t>(4, rows - m)) {
+      case 1: project_columns<1, NS>(a, lda, S, sn, K, N, c, ldc); break;
+      case 2: project_columns<2, NS>(a, lda, S, sn, K, N, c, ldc); break;
+      case 3: project_columns<3, NS>(a, lda, S, sn, K, N, c, ldc); break;
+      default: project_columns<4, NS>(a, lda, S, sn, K, N, c, ldc); break;
     }
   }
 }
 
-void project_f32_avx512(const bf16* A, int64_t lda, int64_t rows, const float* S, int64_t sk, int64_t sn, int64_t K,
-                        int64_t N, float* C, int64_t ldc) {
-  if (sk != 1) return project_f32(A, lda, rows, S, sk, sn, K, N, C, ldc);
-  for (int64_t m = 0; m < rows; m += 4) {
-    const bf16* a = A + m * lda;
-    float* c = C + m * ldc;
-    switch (std::min<int64_t>(4, rows - m)) {
-      case 1: project_columns<1>(a, lda, S, sn, K, N, c, ldc); break;
-      case 2: project_columns<2>(a, lda, S, sn, K, N, c, ldc); break;
-      case 3: project_columns<3>(a, lda, S, sn, K, N, c, ldc); break;
-      default: project_columns<4>(a, lda, S, sn, K, N, c, ldc); break;
-    }
-  }
+void project_f32_avx512(const bf16* A, int64_t lda, int64_t rows, const float* const* S, int count, int64_t sk,
+                        int64_t sn, int64_t K, int64_t N, float* const* C, int64_t ldc) {
+  if (sk != 1) return project_f32(A, lda, rows, S, count, sk, sn, K, N, C, ldc);
+  if (count == 2) return project_rows<2>(A, lda, rows, S, sn, K, N, C, ldc);
+  project_rows<1>(A, lda, rows, S, sn, K, N, C, ldc);
 }
 
 // 16 columns at a time: t[k] = S(k, n0 .. n0 + 15) in registers, then one broadcast FMA per (row, k).

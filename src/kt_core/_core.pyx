@@ -212,10 +212,14 @@ def pack_panels_f32(str isa not None, uintptr_t src, int64_t sk, int64_t sn, int
 
 
 def project_f32(str isa not None, uintptr_t A, int64_t lda, int64_t rows, uintptr_t S, int64_t sk, int64_t sn,
-                int64_t K, int64_t N, uintptr_t C, int64_t ldc):
+                int64_t K, int64_t N, uintptr_t C, int64_t ldc, uintptr_t S2=0, uintptr_t C2=0):
     """Test hook: the fp32 LoRA project of ISA path `isa` (kernels.hpp's project_f32): C[m][n] = sum_k
-    bf16 A[m*lda + k] * S[k*sk + n*sn] (the caller sizes the buffers)."""
-    kt.project_f32(_isa(isa), <const uint16_t*>A, lda, rows, <const float*>S, sk, sn, K, N, <float*>C, ldc)
+    bf16 A[m*lda + k] * S[k*sk + n*sn], and likewise C2 from S2 in lock-step where S2 is given (the caller
+    sizes the buffers)."""
+    if (S2 == 0) != (C2 == 0):
+        raise ValueError("S2, C2: give both or neither")
+    kt.project_f32(_isa(isa), <const uint16_t*>A, lda, rows, <const float*>S, <const float*>S2, sk, sn, K, N,
+                   <float*>C, <float*>C2, ldc)
 
 
 def expand_f32(str isa not None, uintptr_t coef, int64_t ldcoef, int64_t rows, uintptr_t S, int64_t sk, int64_t sn,

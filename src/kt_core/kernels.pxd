@@ -85,8 +85,8 @@ cdef extern from "common.hpp" namespace "kt":
 cdef extern from "pack.hpp" namespace "kt":
     void pack_panels_f32(Isa, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*,
                          int64_t) except +
-    void project_f32(Isa, const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
-                     int64_t) except +
+    void project_f32(Isa, const uint16_t*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
+                     int64_t, float*, float*, int64_t) except +
     void expand_f32(Isa, const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
                     int64_t) except +
     void gemm_t(Isa, const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t,
