@@ -62,7 +62,7 @@ struct ColumnTask {
 };
 
 // Panels per task of an expert whose few rows multiply straight from its codes (PackedExperts::streams_codes),
-// where gemm_codes runs each of its streams on over consecutive panels (4 of 8-bit codes, 8 of 4-bit): a
+// where gemm_codes runs each of its streams on over consecutive panels (6 of 8-bit codes, 8 of 4-bit): a
 // task's start costs the prefetchers a ramp on every stream, and a 6-panel task of 8-bit codes is only
 // 72 KiB (down) to 192 KiB (gate/up). T=16 forward of the bench layer against 6-panel tasks, same process:
 // int8 and fp8_block 13-14% faster with fp32 LoRA, 4-10% without; the 4-bit formats 0-4%. Its rows (at
