@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,6 +218,74 @@ def test_pickle_and_copy_keep_the_packed_codes():
         for a, b in zip(w.dequantize(), back.dequantize()):
             assert torch.equal(a, b)
         assert copy.deepcopy(w) is w
+
+
+def packed_4bit_panels(codes, scale_bytes, K):
+    """Model of the packed 4-bit panels (kernels.hpp, QuantPanels; packed layout 3) of one expert's
+    projection: codes uint8 [out, in] (a code's 4 bits), scale_bytes uint8 [out, in / 32, bytes per scale]
+    -> uint8 [panels, panel bytes]. Groups of 32 rows; chunks of 64 / (16 * bytes per scale) groups, each
+    its 64 bytes of scales (16 columns) and then its codes, 4 pair-rows per 64-byte block, element i of
+    pair-row q in bits 4 (q % 4) of little-endian 16-bit word i."""
+    out, n_in = codes.shape
+    sb = scale_bytes.shape[2]
+    per_chunk = 64 // (16 * sb)
+    Kp = -(-K // 32) * 32
+    groups = Kp // 32
+    panel_bytes = -(-groups // per_chunk) * 64 + groups * 256
+    panels = np.zeros((-(-out // 16), panel_bytes), dtype=np.uint8)
+    k = np.arange(n_in)
+    q = k >> 1
+    block = ((q >> 2) + q // (16 * per_chunk) + 1) * 64
+    for o in range(out):
+        p, c = divmod(o, 16)
+        byte = block + 2 * (2 * c + (k & 1)) + ((q >> 1) & 1)
+        np.bitwise_or.at(panels[p], byte, (codes[o].astype(np.uint16) << (4 * (q & 1))).astype(np.uint8))
+        for g in range(scale_bytes.shape[1]):
+            at = g // per_chunk * (64 + 256 * per_chunk) + g % per_chunk * (64 // per_chunk) + c * sb
+            panels[p, at:at + sb] = scale_bytes[o, g]
+    return panels
+
+
+@pytest.mark.parametrize("storage, scale_dtype", [("int4_group", torch.bfloat16), ("int4_group", torch.float32),
+                                                  ("mxfp4", None)])
+def test_packed_4bit_layout_matches_model(storage, scale_dtype):
+    """The packed bytes of a 4-bit storage (what pickles carry, versioned by PACKED_LAYOUT) are exactly
+    the layout kernels.hpp describes, at H and I with partial groups and partial chunks of scales: a change
+    of layout without a new version fails here, not only in the decoders."""
+    from kt_functional import quant
+    from kt_functional import state as state_module
+
+    assert state_module.PACKED_LAYOUT == 3
+    prob = make_problem(**CASES["awkward"], seed=11)
+    E, H, I = prob.E, prob.H, prob.I
+    if storage == "int4_group":
+        tensors = [quant.quantize_int4_group(t.reshape(-1, t.shape[-1]), scale_dtype) for t in
+                   (prob.gate, prob.up, prob.down)]
+        tensors = [(c.reshape(E, -1, c.shape[-1]), s.reshape(E, -1, s.shape[-1])) for c, s in tensors]
+    else:
+        tensors = list(checkpoint(storage, prob))
+    w = ktf().ExpertWeights.from_quantized(storage, *tensors)
+    gate_up, down = (np.frombuffer(b, dtype=np.uint8) for b in w.packed.quantized_bytes())
+
+    def codes_and_scales(codes, scales, n_in):  # one expert: uint8 codes [out, n_in], scale bytes [out, g, sb]
+        if storage == "int4_group":
+            words = codes.numpy().view(np.uint32)
+            nibbles = (words[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+            c = (nibbles.reshape(words.shape[0], -1)[:, :n_in] ^ 8).astype(np.uint8)  # stored as q + 8
+        else:
+            b = codes.numpy().reshape(codes.shape[0], -1)
+            c = np.stack([b & 0xF, b >> 4], axis=-1).reshape(b.shape[0], -1)[:, :n_in].astype(np.uint8)
+        raw = scales.contiguous().view(torch.uint8).numpy()
+        return c, raw.reshape(scales.shape[0], scales.shape[1], scales.element_size())
+
+    for e in range(E):
+        g_panels, u_panels = (packed_4bit_panels(*codes_and_scales(t[0][e], t[1][e], H), H) for t in tensors[:2])
+        want = np.stack([g_panels, u_panels], axis=1).reshape(-1)  # gate and up panels interleaved
+        got = gate_up.reshape(E, -1)[e]
+        assert np.array_equal(got, want), f"{storage} gate_up expert {e}: {np.count_nonzero(got != want)} bytes differ"
+        want = packed_4bit_panels(*codes_and_scales(tensors[2][0][e], tensors[2][1][e], I), I).reshape(-1)
+        got = down.reshape(E, -1)[e]
+        assert np.array_equal(got, want), f"{storage} down expert {e}: {np.count_nonzero(got != want)} bytes differ"
 
 
 def test_pickle_of_an_earlier_4bit_layout_is_refused():
