@@ -133,3 +133,41 @@ def test_workspace_cache_reused_bounded_and_released():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "RELEASED 0" in out.stdout  # a limit of 0 keeps nothing
+
+
+def test_lora_gradients_recycle_workspace_memory():
+    """The LoRA gradients a backward returns live in the kernels' workspace memory: while the caller holds
+    them a later call never writes into them; once freed, the next backward's gradients reuse that memory
+    (no fresh pages to fault in), and release_workspaces() can give it back."""
+    import resource
+
+    K = ktf()
+    prob = make_problem(E=32, H=1024, I=96, k=2, T=8, r=16, seed=64)  # Ag, Au, Bd: 2 MiB each
+    state = make_state(prob, lora=True)
+    gys = [make_gy(prob, seed) for seed in (1, 2)]
+
+    def backward(gy):
+        _, cache = K.moe_forward(state, prob.x, prob.ids, prob.w)
+        return K.moe_backward(state, cache, gy)
+
+    held = backward(gys[0]).lora
+    kept = {name: getattr(held, name).clone() for name in ("gate_a", "up_a", "down_b")}
+    other = backward(gys[1]).lora  # while the first call's gradients are held
+    for name, want in kept.items():
+        assert torch.equal(getattr(held, name), want), f"{name}: a later backward wrote into held gradients"
+        assert not torch.equal(getattr(other, name), want), f"{name}: gy changed, the gradient did not"
+    assert all(getattr(held, n).data_ptr() != getattr(other, n).data_ptr() for n in kept)
+    del held, other, kept
+    settle()
+    backward(gys[0])  # warm: its gradients are freed at once, into the cache
+    big = sum(2 * MB // 4096 for _ in range(3))  # pages of Ag, Au, Bd
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    grads = backward(gys[1]).lora
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert faults < big // 4, f"{faults} page faults in a backward whose {big} pages of gradients were cached"
+    assert torch.isfinite(grads.gate_a).all()
+    del grads  # (settle() would release the cache itself)
+    assert K.release_workspaces() >= 3 * 2 * MB
+    unused = K._core.workspace_f32((1024, 1024))  # a capsule nobody consumed still gives its memory back
+    del unused
+    assert K.release_workspaces() >= 4 * MB

@@ -1,11 +1,15 @@
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "common.hpp"
+#include "dlpack.hpp"
 
 namespace kt {
 namespace {
@@ -147,5 +151,45 @@ void free_workspace(void* p, size_t mapped) {
   for (const auto& m : evicted) munmap(m.p, m.bytes);
   if (p) munmap(p, mapped);
 }
+
+namespace {
+
+struct WorkspaceArray {
+  DLManagedTensor managed;
+  int64_t shape[8], strides[8];
+  size_t bytes, mapped;
+};
+
+void delete_workspace_array(DLManagedTensor* t) {
+  WorkspaceArray* a = static_cast<WorkspaceArray*>(t->manager_ctx);
+  if (a->mapped)
+    free_workspace(t->dl_tensor.data, a->mapped);
+  else
+    free_bytes(t->dl_tensor.data, a->bytes);
+  delete a;
+}
+
+}  // namespace
+
+DLManagedTensor* workspace_f32_array(const int64_t* shape, int ndim) {
+  if (ndim < 0 || ndim > 8) throw std::invalid_argument("shape: expected at most 8 dimensions");
+  auto a = std::make_unique<WorkspaceArray>();
+  size_t n = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    if (shape[i] < 0) throw std::invalid_argument("shape: expected sizes >= 0");
+    a->shape[i] = shape[i];
+    a->strides[i] = int64_t(n);
+    n *= size_t(shape[i]);
+  }
+  a->bytes = std::max<size_t>(n, 1) * sizeof(float);
+  void* data = allocate_workspace(a->bytes, &a->mapped);
+  DLManagedTensor& t = a->managed;
+  t.dl_tensor = DLTensor{data, DLDevice{1, 0}, ndim, DLDataType{2, 32, 1}, a->shape, a->strides, 0};
+  t.manager_ctx = a.get();
+  t.deleter = delete_workspace_array;
+  return &a.release()->managed;
+}
+
+void delete_array(DLManagedTensor* t) { t->deleter(t); }
 
 }  // namespace kt

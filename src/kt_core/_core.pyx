@@ -5,6 +5,7 @@ No math; kt_functional validates inputs and passes raw data pointers of tensors 
 for as long as a job runs. Here only what would crash is checked: no None for an object argument,
 tuples of the right length, no use of an empty handle.
 """
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
 from libcpp.memory cimport make_shared, shared_ptr
 from libcpp.string cimport string
@@ -38,6 +39,25 @@ cdef kt.Isa _isa(str name) except *:
     cdef kt.Isa isa = kt.parse_isa(name.encode())
     kt.kernels_for(isa)  # raises if this CPU or build cannot run it
     return isa
+
+
+cdef void _free_unconsumed_array(object capsule) noexcept:
+    # A capsule that no consumer renamed to "used_dltensor" still owns its array.
+    if PyCapsule_IsValid(capsule, b"dltensor"):
+        kt.delete_array(<kt.DLManagedTensor*>PyCapsule_GetPointer(capsule, b"dltensor"))
+
+
+def workspace_f32(tuple shape not None):
+    """A DLPack capsule of an uninitialised contiguous fp32 array of `shape` in the kernels' workspace
+    memory (for outputs the job writes whole): when its consumer (torch.from_dlpack) frees it, the memory
+    goes back to the workspace cache, so the next call's outputs fault no fresh pages."""
+    cdef int64_t dims[8]
+    if len(shape) > 8:
+        raise ValueError(f"shape: expected at most 8 dimensions, got {shape!r}")
+    for i, n in enumerate(shape):
+        dims[i] = n
+    cdef kt.DLManagedTensor* t = kt.workspace_f32_array(dims, len(shape))
+    return PyCapsule_New(t, b"dltensor", _free_unconsumed_array)
 
 
 def release_workspaces():

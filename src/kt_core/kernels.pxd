@@ -40,6 +40,12 @@ cdef extern from "cpu.hpp" namespace "kt":
 cdef extern from "common.hpp" namespace "kt":
     size_t release_workspaces() nogil
 
+cdef extern from "dlpack.hpp" namespace "kt":
+    cdef cppclass DLManagedTensor:
+        pass
+    DLManagedTensor* workspace_f32_array(const int64_t*, int) except +
+    void delete_array(DLManagedTensor*)
+
 
 cdef extern from "kernels.hpp" namespace "kt":
     cdef cppclass KernelSet:
