@@ -183,7 +183,7 @@ def build(family: str, module_name: str, experts_name: str, seed: int = 0):
                     reasons.append(f"{cls.__name__}: {n / 1e6:.0f}M parameters")
                     continue
                 torch.manual_seed(seed)
-                model = cls(cfg).eval()
+                model = _construct(cls, cfg)
         except Exception as e:  # noqa: BLE001 - reported with the class that failed
             reasons.append(f"{cls.__name__}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -193,7 +193,7 @@ def build(family: str, module_name: str, experts_name: str, seed: int = 0):
             continue
         with torch.no_grad():
             gen = torch.Generator().manual_seed(seed)
-            for t in [*model.parameters(), *model.buffers()]:  # left uninitialized (torch.empty) by some classes
+            for t in [*model.parameters(), *model.buffers()]:  # left uninitialized (NaN, see _construct)
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     t.copy_(torch.randn(t.shape, generator=gen) * 0.02)
             for m in experts:
@@ -204,6 +204,22 @@ def build(family: str, module_name: str, experts_name: str, seed: int = 0):
                         p.copy_(p.bfloat16().float())
         return model, cls
     raise RuntimeError("; ".join(reasons))
+
+
+def _construct(cls, cfg):
+    """cls(cfg) in eval mode, built with torch.empty's memory filled with NaN: some classes leave tensors
+    uninitialized (Qwen3-Omni's talker its experts weights), which otherwise held whatever the process's
+    memory did, finite or not, so the model (and the test's verdict) changed with the tests run before."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        return cls(cfg).eval()
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _experts_modules(model) -> list:
