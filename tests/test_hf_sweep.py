@@ -64,8 +64,6 @@ def test_architecture(family, module, experts):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     y, g, routes, calls = run(model, ids)
     y_ref, g_ref, _, twin_calls = run(twin, ids, routes)
-    if not torch.isfinite(y_ref).all():  # seen once for the Omni talker: its own code read garbage memory
-        pytest.skip(f"{experts}: the unpatched model's output is not finite for this input")
     layers = layer_errors(calls, twin_calls)
     # each experts call, the same inputs: y, dx and the routing weights' gradient dw
     assert max(max(e) for e in layers) <= TOL, layers
