@@ -88,16 +88,20 @@ struct QuantPanels {
   int64_t scale_offset;
 };
 
-// Where the 4-bit formats' codes and scales sit in a panel (QuantPanels).
+// Where the 4-bit formats' codes and scales sit in a panel (QuantPanels). A chunk holds 4, 2 or 1 groups
+// (1-, 2-, 4-byte scales): shifts, not divisions, since block() runs for every 64 bytes of codes.
 struct FourBitChunks {
-  int64_t groups;  // per chunk: 64 bytes of scales
-  explicit FourBitChunks(int64_t scale_bytes) : groups(64 / (kPanelCols * scale_bytes)) {}
+  int log_groups;  // log2 of the groups per chunk (64 bytes of scales)
+  explicit FourBitChunks(int64_t scale_bytes) : log_groups(scale_bytes == 1 ? 2 : scale_bytes == 2 ? 1 : 0) {}
+  int64_t groups() const { return int64_t(1) << log_groups; }
   // Byte offset of the 64-byte code block of pair-rows 4 (q / 4) .. 4 (q / 4) + 3.
-  int64_t block(int64_t q) const { return ((q >> 2) + q / (16 * groups) + 1) * 64; }
+  int64_t block(int64_t q) const { return ((q >> 2) + (q >> (4 + log_groups)) + 1) * 64; }
   // Byte offset of the 16 scales of group g (pair-rows 16 g .. 16 g + 15).
-  int64_t scales(int64_t g) const { return g / groups * (64 + 256 * groups) + g % groups * (64 / groups); }
+  int64_t scales(int64_t g) const {
+    return (g >> log_groups) * (64 + (int64_t(256) << log_groups)) + ((g & (groups() - 1)) << (6 - log_groups));
+  }
   // Bytes of a panel of kp rows (a multiple of 32).
-  int64_t panel_bytes(int64_t kp) const { return ((kp / 32 + groups - 1) / groups) * 64 + kp / 32 * 256; }
+  int64_t panel_bytes(int64_t kp) const { return ((kp / 32 + groups() - 1) >> log_groups) * 64 + kp / 32 * 256; }
 };
 // Bytes per scale of a 4-bit format.
 constexpr int64_t four_bit_scale_bytes(Storage s, ScaleType t) {
