@@ -85,8 +85,8 @@ void decode_panels_portable(const QuantPanels& src, int64_t first_panel, int64_t
       case Storage::int4_group:  // a group's 16 scales, one per column
         decode_rows<true>(panel, q0, nq, out, int4, [&](int64_t q, int c) {
           const uint8_t* g = panel + chunks.scales(q / 16);
-          return src.scale_type == ScaleType::f32 ? reinterpret_cast<const float*>(g)[c]
-                                                  : __builtin_bit_cast(float, uint32_t(reinterpret_cast<const uint16_t*>(g)[c]) << 16);
+          if (src.scale_type == ScaleType::f32) return reinterpret_cast<const float*>(g)[c];
+          return __builtin_bit_cast(float, uint32_t(reinterpret_cast<const uint16_t*>(g)[c]) << 16);
         }, chunks);
         break;
       case Storage::mxfp4:

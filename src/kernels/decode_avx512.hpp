@@ -67,22 +67,27 @@ inline void fp8_row(const uint8_t* p, float factor, __m512& lo, __m512& hi) {
 // of it), the 16 column scales of a group, and the values (before scaling) of a panel's pair-row q as
 // fp32 halves (the decoders) or, kStep pair-rows from q on, exactly as bf16 VNNI rows (gemm_codes:
 // every code's value is a bf16; the scales multiply the fp32 sums of a group instead).
-struct Int8Format {
-  static constexpr int64_t kRowBytes = 32, kGroupPairs = int64_t(1) << 40;  // one scale per column
+// What the 8-bit formats share: a byte per code, a pair-row's 32 in a row, the scales after the codes.
+struct ByteCodes {
+  static constexpr int64_t kRowBytes = 32;
   // 4 panels in lock-step: T=16 forward of the bench layer, same process, 2 threads, against 6: int8 and
   // fp8_block 8-11% faster in seven runs of a slower host phase, within 2% in three of a fast one; 3 panels
   // 9-12% slower in the fast phase, 5 panels 4-6% slower than 4.
   static constexpr int kStep = 1, kPanels = 4;
+  static constexpr bool kScalesInStream = false;
   int64_t scale_offset;
   const uint8_t* line(const uint8_t* panel, int64_t q) const { return panel + q * kRowBytes; }
+};
+
+struct Int8Format : ByteCodes {
+  static constexpr int64_t kGroupPairs = int64_t(1) << 40;  // one scale per column
   __m512 column_scales(const uint8_t* panel, int64_t) const {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(panel + scale_offset));
   }
   RowScales scales(const uint8_t* panel, int64_t group) const { return RowScales(column_scales(panel, group)); }
-  static constexpr bool kScalesInStream = false;
   const uint8_t* scale_line(const uint8_t* panel, int64_t) const { return panel + scale_offset; }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
-    const __m128i* c = reinterpret_cast<const __m128i*>(panel + q * kRowBytes);
+    const __m128i* c = reinterpret_cast<const __m128i*>(line(panel, q));
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c)));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1)));
   }
@@ -93,21 +98,19 @@ struct Int8Format {
   }
 };
 
-struct Fp8BlockFormat {
-  static constexpr int64_t kRowBytes = 32, kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns
-  static constexpr int kStep = 1, kPanels = Int8Format::kPanels;
-  int64_t scale_offset;  // a 4-byte scale per 2 KiB of codes
-  const uint8_t* line(const uint8_t* panel, int64_t q) const { return panel + q * kRowBytes; }
+struct Fp8BlockFormat : ByteCodes {
+  static constexpr int64_t kGroupPairs = 64;  // one scale per 128 rows, for all 16 columns: 4 bytes per 2 KiB
   float scale(const uint8_t* panel, int64_t group) const {
     return reinterpret_cast<const float*>(panel + scale_offset)[group];
   }
   // codes() gives 2^8 times the values: the scales carry the 2^-8 back (exact).
-  __m512 column_scales(const uint8_t* panel, int64_t group) const { return _mm512_set1_ps(scale(panel, group) * 0x1p-8f); }
+  __m512 column_scales(const uint8_t* panel, int64_t group) const {
+    return _mm512_set1_ps(scale(panel, group) * 0x1p-8f);
+  }
   RowScales scales(const uint8_t* panel, int64_t group) const { return RowScales(scale(panel, group) * 256.0f); }
-  static constexpr bool kScalesInStream = false;
   const uint8_t* scale_line(const uint8_t* panel, int64_t group) const { return panel + scale_offset + group * 4; }
   void values(const uint8_t* panel, int64_t q, __m512& lo, __m512& hi) const {
-    fp8_row(panel + q * kRowBytes, 0x1p112f, lo, hi);
+    fp8_row(line(panel, q), 0x1p112f, lo, hi);
   }
   // The bf16 bits of 2^8 times an e4m3 value (4 significant bits, exponents -9..8: all exact) straight
   // from its code: sign and exponent | mantissa fields moved into place and the exponent rebiased by
@@ -116,7 +119,7 @@ struct Fp8BlockFormat {
   __m512i subnormals = (__m512i)_mm512_cvtne2ps_pbh(
       _mm512_setzero_ps(), _mm512_set_ps(0, 0, 0, 0, 0, 0, 0, 0, 3.5f, 3.0f, 2.5f, 2.0f, 1.5f, 1.0f, 0.5f, 0.0f));
   void codes(const uint8_t* panel, int64_t q, __m512bh* row) const {
-    const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kRowBytes)));
+    const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(line(panel, q))));
     const __m512i moved = _mm512_slli_epi16(x, 4);  // sign (extended) in bit 15, exponent | mantissa in bits 10..4
     const __m512i normal =  // (moved & 0x87f0) | 128 << 7
         _mm512_ternarylogic_epi32(moved, _mm512_set1_epi16(int16_t(0x87f0)), _mm512_set1_epi16(0x4000), 0xea);
@@ -253,9 +256,9 @@ template <class F>
 void with_format(const QuantPanels& src, F&& fn) {
   switch (src.storage) {
     case Storage::int8:
-      return fn(Int8Format{src.scale_offset});
+      return fn(Int8Format{{src.scale_offset}});
     case Storage::fp8_block:
-      return fn(Fp8BlockFormat{src.scale_offset});
+      return fn(Fp8BlockFormat{{src.scale_offset}});
     case Storage::int4_group:
     case Storage::mxfp4:
       return fn(four_bit_format(src));
@@ -329,7 +332,8 @@ template <int MR, class Format, size_t... NP>
 void gemm_codes_rows(const Format& f, const QuantPanels& src, int64_t first_panel, int np, int64_t kpairs,
                      const bf16* A, int64_t lda, float* C, int64_t ldc, std::index_sequence<NP...>) {
   constexpr int kPanels = codes_panels<Format>(MR);
-  using BlockFn = void (*)(const Format&, const uint8_t* const*, const bf16*, int64_t, int64_t, float*, int64_t, int64_t);
+  using BlockFn =
+      void (*)(const Format&, const uint8_t* const*, const bf16*, int64_t, int64_t, float*, int64_t, int64_t);
   static constexpr BlockFn blocks[] = {gemm_codes_block<MR, int(NP) + 1, Format>...};  // 1 .. kPanels panels
   const int length = (np + kPanels - 1) / kPanels;
   for (int i = 0; i < length; ++i) {
@@ -373,7 +377,8 @@ void gemm_codes_avx512(const QuantPanels& src, int64_t first_panel, int np, int6
 template <int QB, class Format>
 inline void prefetch_codes_t(const Format& f, const uint8_t* panel, int64_t q0) {
   constexpr int64_t kRowsPerLine = 64 / Format::kRowBytes;
-  for (int64_t q = q0; q < q0 + QB; q += kRowsPerLine) _mm_prefetch(reinterpret_cast<const char*>(f.line(panel, q)), _MM_HINT_T1);
+  for (int64_t q = q0; q < q0 + QB; q += kRowsPerLine)
+    _mm_prefetch(reinterpret_cast<const char*>(f.line(panel, q)), _MM_HINT_T1);
   _mm_prefetch(reinterpret_cast<const char*>(f.scale_line(panel, q0 / Format::kGroupPairs)), _MM_HINT_T1);
 }
 
